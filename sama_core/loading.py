@@ -1,0 +1,380 @@
+"""Every way DiT weights arrive -> one state dict in official Wan key names -> a SamaDiT.
+
+Accepted (SAMA_REFERENCE.md sections 1-2):
+  (a) official layout: Wan2.1 base shards (`diffusion_pytorch_model-0000k-of-0000n.safetensors` + `.index.json`)
+      with the SAMA file layered on top (later files override earlier ones, like `strict=False` loading);
+  (b) a single merged safetensors;
+  (c) ComfyUI repackaged files: `model.diffusion_model.` prefix, fp16/bf16, fp8_e4m3fn, scaled fp8
+      (`scale_weight` tensors + a `scaled_fp8` marker);
+  (d) diffusers-format Wan transformer weights (`blocks.N.attn1.to_q`, `scale_shift_table`, `proj_out`, ...);
+  (e) `.pth` files, only through `torch.load(weights_only=True)`.
+
+The model is built on the meta device and the tensors are assigned, so peak memory stays near one copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from .config import SAMA_KEY_PREFIXES, SamaConfig, infer_config
+from .errors import SamaFileNotFoundError, SamaModelFileError
+
+log = logging.getLogger(__name__)
+
+COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+# diffusers WanTransformer3DModel name -> official Wan name (first matching rule wins).
+_DIFFUSERS_RULES = [
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
+    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
+    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
+    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
+    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),  # diffusers' affine cross-attn norm is Wan's norm3
+    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
+    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
+    (r"^proj_out\.", "head.head."),
+    (r"^scale_shift_table$", "head.modulation"),
+]
+
+# Key signatures of other model kinds, to say what a wrong file looks like.
+_OTHER_KINDS = [
+    (r"(^|\.)decoder\.head\.0\.gamma$|^decoder\.conv_in\.|(^|\.)encoder\.downsamples\.", "a Wan VAE"),
+    (r"^(encoder\.)?block\.0\.layer\.0\.SelfAttention|^shared\.weight$|^token_embedding\.weight$",
+     "a T5/UMT5 text encoder"),
+    (r"(^|\.)vision_model\.|^embeddings\.patch_embedding\.|^visual\.", "a CLIP/SigLIP vision encoder"),
+    (r"(^|\.)input_blocks\.\d+\.|(^|\.)down_blocks\.\d+\.", "a Stable Diffusion UNet"),
+    (r"^double_blocks\.|^single_blocks\.", "a Flux model"),
+    (r"lora_(A|B|down|up)\.|\.lora\.|\.alpha$", "a LoRA (load it as a LoRA, not as the DiT)"),
+    (r"^vace_blocks\.", "a Wan VACE model"),
+]
+
+
+@dataclasses.dataclass
+class LoadedWeights:
+    """A state dict in official names plus what was learned about the files it came from."""
+    state_dict: dict
+    files: list
+    formats: list          # one description per file: "safetensors", "comfyui", "diffusers", "scaled fp8", ...
+    metadata_config: dict | None = None
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def expand_paths(paths: str | os.PathLike | Sequence) -> list[Path]:
+    """Files to read, in layering order. A folder or an `.index.json` expands to its shards."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise SamaFileNotFoundError(f"model file not found: {p}")
+        if p.is_dir():
+            out.extend(_files_in_folder(p))
+        elif p.name.endswith(".index.json"):
+            out.extend(_shards_of_index(p))
+        else:
+            out.append(p)
+    return out
+
+
+def _files_in_folder(folder: Path) -> list[Path]:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        return _shards_of_index(indexes[0])
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.pth")) + sorted(folder.glob("*.pt"))
+    if not files:
+        raise SamaFileNotFoundError(f"no .safetensors or .pth weights in folder {folder}")
+    return files
+
+
+def _shards_of_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as e:
+        raise SamaModelFileError(f"{index} is not a valid sharded-checkpoint index (no 'weight_map')") from e
+    shards = [index.parent / name for name in sorted(set(weight_map.values()))]
+    missing = [s.name for s in shards if not s.exists()]
+    if missing:
+        raise SamaFileNotFoundError(f"{index.name} lists shards that are not in {index.parent}: {missing}; "
+                                    "download every shard of the checkpoint")
+    return shards
+
+
+def read_file(path: Path) -> tuple[dict, dict]:
+    """(tensors, safetensors metadata) of one file, with a clear error for a corrupt or unsafe file."""
+    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        return _read_pickle(path), {}
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise SamaModelFileError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+                                 "corrupt: download it again") from e
+
+
+def _read_pickle(path: Path) -> dict:
+    import pickle
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+        raise SamaModelFileError(
+            f"refused to load {path}: it is not a plain tensor checkpoint that loads with weights_only=True "
+            f"(it may contain code, or be truncated). Convert it to safetensors from a trusted source. ({e})") from e
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SamaModelFileError(f"{path} does not hold a flat state dict of tensors")
+    return dict(obj)
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+
+def strip_prefix(sd: dict) -> tuple[dict, str | None]:
+    for prefix in COMFY_PREFIXES:
+        if any(k.startswith(prefix + "blocks.") for k in sd):
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, prefix
+    return sd, None
+
+
+def is_diffusers_layout(sd: Mapping) -> bool:
+    return any(k.startswith("condition_embedder.") or ".attn1.to_q." in k for k in sd)
+
+
+def diffusers_to_official(sd: dict) -> dict:
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in _DIFFUSERS_RULES:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                key = new
+                break
+        out[key] = value
+    return out
+
+
+def dequantize_scaled_fp8(sd: dict, dtype: torch.dtype) -> dict:
+    """ComfyUI scaled fp8: weight_fp8 * scale_weight (per tensor or per output row); drop input scales."""
+    out = {}
+    for key, value in sd.items():
+        if key == "scaled_fp8" or key.endswith(".scale_input") or key.endswith(".scale_weight"):
+            continue
+        scale = sd.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
+        if scale is not None:
+            scale = scale.to(torch.float32)
+            w = value.to(torch.float32)
+            value = (w * scale.reshape(-1, *([1] * (w.ndim - 1))) if scale.numel() > 1 else w * scale).to(dtype)
+        out[key] = value
+    return out
+
+
+def describe_other_kind(keys: Iterable[str]) -> str | None:
+    keys = list(keys)
+    for pattern, what in _OTHER_KINDS:
+        rx = re.compile(pattern)
+        if sum(1 for k in keys if rx.search(k)) >= 1:
+            return what
+    if any(k.startswith("img_emb.") or ".k_img." in k for k in keys):
+        return "a Wan2.1 image-to-video DiT (SAMA is built on the T2V model)"
+    return None
+
+
+def to_official(sd: dict, file: Path, dtype: torch.dtype | None) -> tuple[dict, list[str]]:
+    """One file's tensors -> official names and the target dtype; returns the format tags it showed."""
+    tags = []
+    sd, prefix = strip_prefix(sd)
+    if prefix:
+        tags.append(f"comfyui prefix '{prefix}'")
+    if is_diffusers_layout(sd):
+        sd = diffusers_to_official(sd)
+        tags.append("diffusers names")
+    if "scaled_fp8" in sd or any(k.endswith(".scale_weight") for k in sd):
+        sd = dequantize_scaled_fp8(sd, dtype or torch.bfloat16)
+        tags.append("scaled fp8")
+    if any(v.dtype in FP8_DTYPES for v in sd.values()):
+        tags.append("fp8")
+        target = dtype or torch.bfloat16
+        sd = {k: v.to(target) if v.dtype in FP8_DTYPES else v for k, v in sd.items()}
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    known = sum(1 for k in sd if k.startswith(("blocks.", "head.", "patch_embedding.", "text_embedding.",
+                                               "time_embedding.", "time_projection.")) or
+                k.startswith(SAMA_KEY_PREFIXES))
+    if known == 0:
+        other = describe_other_kind(sd)
+        what = f"it looks like {other}" if other else "none of its tensors has a Wan DiT name"
+        raise SamaModelFileError(f"{file} is not a Wan2.1/SAMA DiT file: {what}. Give the DiT "
+                                 "(models/diffusion_models) file here.")
+    return sd, tags
+
+
+def read_weights(paths, dtype: torch.dtype | None = None) -> LoadedWeights:
+    """Read and layer every file (later files override earlier ones) into official names."""
+    files = expand_paths(paths)
+    merged, formats, meta_config = {}, [], None
+    for file in files:
+        tensors, metadata = read_file(file)
+        if not tensors:
+            raise SamaModelFileError(f"{file} holds no tensors")
+        sd, tags = to_official(tensors, file, dtype)
+        if "sama_config" in metadata:
+            meta_config = json.loads(metadata["sama_config"])
+        dtypes = sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()})
+        formats.append(f"{file.name}: {file.suffix.lstrip('.')} ({', '.join(dtypes)})"
+                       + (f" [{'; '.join(tags)}]" if tags else ""))
+        merged.update(sd)
+    return LoadedWeights(merged, files, formats, meta_config)
+
+
+def sidecar_config(files: Sequence[Path]) -> dict | None:
+    """A config JSON next to the weights: `<stem>_config.json`, `<stem>.json`, or the folder's config.json."""
+    for f in reversed(files):
+        for cand in (f.with_name(f.stem + "_config.json"), f.with_suffix(".json"), f.parent / "config.json"):
+            if cand.exists() and cand != f:
+                try:
+                    d = json.loads(cand.read_text())
+                except ValueError:
+                    continue
+                if "num_attention_heads" in d:  # diffusers config.json
+                    d = dict(d, num_heads=d["num_attention_heads"])
+                if "num_heads" in d:
+                    return d
+    return None
+
+
+def resolve_config(weights: LoadedWeights, config=None) -> SamaConfig:
+    """Shapes decide the config; the number of heads comes from (in order) the explicit config, the
+    file's metadata, a sidecar JSON, else the Wan head_dim-128 convention."""
+    if isinstance(config, SamaConfig):
+        given = config.to_dict()
+    elif isinstance(config, (str, os.PathLike)):
+        given = json.loads(Path(config).read_text())
+    else:
+        given = dict(config) if config else (weights.metadata_config or sidecar_config(weights.files) or {})
+    inferred = infer_config(weights.state_dict, num_heads=given.get("num_heads"))
+    mismatched = {k: (given[k], getattr(inferred, k)) for k in ("dim", "num_layers", "ffn_dim", "text_dim")
+                  if k in given and given[k] != getattr(inferred, k)}
+    if mismatched:
+        raise SamaModelFileError(f"config does not match the weights' shapes (config, weights): {mismatched}")
+    return inferred
+
+
+# ---------------------------------------------------------------------------------------------- checking
+
+@dataclasses.dataclass
+class KeyReport:
+    missing: list
+    unexpected: list
+
+    def summary(self, limit: int = 8) -> str:
+        def short(keys):
+            # Collapse per-block keys into one pattern so 40 blocks read as one line.
+            pats = sorted({re.sub(r"blocks\.\d+\.", "blocks.N.", k) for k in keys})
+            return ", ".join(pats[:limit]) + (f" (+{len(pats) - limit} more)" if len(pats) > limit else "")
+        parts = []
+        if self.missing:
+            parts.append(f"missing {len(self.missing)}: {short(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unexpected {len(self.unexpected)}: {short(self.unexpected)}")
+        return "; ".join(parts) or "all keys matched"
+
+
+def check_keys(model_keys: Iterable[str], sd_keys: Iterable[str]) -> KeyReport:
+    model_keys, sd_keys = set(model_keys), set(sd_keys)
+    return KeyReport(sorted(model_keys - sd_keys), sorted(sd_keys - model_keys))
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+def build_model(config: SamaConfig, state_dict: dict, *, operations=None, attention_backend="auto",
+                device="cpu", strict: bool = True):
+    """Build on the meta device and assign the tensors (no second copy of the weights)."""
+    from .model import SamaDiT
+    with torch.device("meta"):
+        model = SamaDiT(config, operations=operations, attention_backend=attention_backend)
+    report = check_keys(model.state_dict().keys(), state_dict.keys())
+    if strict and (report.missing or report.unexpected):
+        raise SamaModelFileError(f"the weights do not fit a {describe_config(config)} DiT: {report.summary()}")
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if still_meta:
+        raise SamaModelFileError(f"weights missing for {len(still_meta)} tensors, e.g. {still_meta[:3]}")
+    return model.to(device).eval()
+
+
+def describe_config(config: SamaConfig) -> str:
+    size = {5120: "14B", 1536: "1.3B"}.get(config.dim, f"dim-{config.dim}")
+    return f"Wan2.1 {size}{' + SAMA' if config.has_sama else ''}"
+
+
+def load_dit(paths, *, config=None, dtype: torch.dtype | None = None, device="cpu", operations=None,
+             attention_backend: str = "auto", allow_plain_wan: bool = False):
+    """Load a SAMA DiT from any accepted layout. `paths`: one file, a folder, an index, or a list
+    (base shards first, SAMA file last). A plain Wan2.1 file is refused unless `allow_plain_wan`."""
+    weights = read_weights(paths, dtype=dtype)
+    cfg = resolve_config(weights, config)
+    if not cfg.has_sama:
+        present = [p.rstrip(".") for p in SAMA_KEY_PREFIXES if any(k.startswith(p) for k in weights.state_dict)]
+        if not allow_plain_wan:
+            hint = (f" (only {', '.join(present)} found)" if present else "")
+            raise SamaModelFileError(
+                f"this is a Wan2.1 base model without the SAMA parts{hint}: load the SAMA weights on top "
+                "(pass the base file(s) first and the SAMA safetensors last)")
+        weights.state_dict = {k: v for k, v in weights.state_dict.items() if not k.startswith(SAMA_KEY_PREFIXES)}
+    model = build_model(cfg, weights.state_dict, operations=operations, attention_backend=attention_backend,
+                        device=device)
+    log.info("loaded %s from %s", describe_config(cfg), "; ".join(weights.formats))
+    return model
+
+
+def save_dit(model_or_sd, path, config: SamaConfig | None = None):
+    """Save in official names as safetensors with the config in the metadata (so heads are known)."""
+    from safetensors.torch import save_file
+    sd = model_or_sd.state_dict() if hasattr(model_or_sd, "state_dict") else model_or_sd
+    config = config or getattr(model_or_sd, "config", None)
+    metadata = {"format": "pt"}
+    if config is not None:
+        metadata["sama_config"] = config.to_json()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+
+
+def inspect(paths, config=None) -> dict:
+    """What a file (or set of files) is: used by `python -m sama_core info`."""
+    weights = read_weights(paths)
+    sd = weights.state_dict
+    report = {"files": [str(f) for f in weights.files], "formats": weights.formats,
+              "tensors": len(sd), "parameters": sum(v.numel() for v in sd.values())}
+    try:
+        cfg = resolve_config(weights, config)
+    except SamaModelFileError as e:
+        report["config"] = None
+        report["problem"] = str(e)
+        return report
+    report["config"] = cfg.to_dict()
+    report["model"] = describe_config(cfg)
+    report["sama_parts"] = {p.rstrip("."): any(k.startswith(p) for k in sd) for p in SAMA_KEY_PREFIXES}
+    from .model import SamaDiT
+    with torch.device("meta"):
+        keys = SamaDiT(cfg).state_dict().keys()
+    report["keys"] = check_keys(keys, sd.keys()).summary()
+    if not cfg.has_sama:
+        report["problem"] = "Wan2.1 base model without the SAMA parts: load the SAMA weights on top"
+    return report
