@@ -1,0 +1,198 @@
+"""The SAMA sampling loop: video latents and semantic tokens denoised jointly (SAMA_REFERENCE.md section 4).
+
+Default = the released inference: 50 Euler steps on shifted flow-matching sigmas (shift 5), guidance
+5.0 with the uncond pass also seeing the source, 65 semantic tokens started from Gaussian noise in
+SigLIP space and stepped with the guided semantic velocity. Where the released code is broken we do
+better on purpose (section 8): the semantic start noise comes from the user's seed (draw order: video
+noise, then semantic noise, both from one CPU generator), and the two-scale CFG works.
+
+Seams for speed work: `solver` picks the update rule from scheduler.SOLVERS, and every model call goes
+through one `denoise(x, semantic, sigma)` closure that step caches can wrap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from .errors import SamaInputError, SamaInterrupted
+from .model import TEXT_LEN, fit_text_rows
+from .scheduler import add_noise, flow_sigmas, get_solver, predicted_clean, timesteps_of
+
+log = logging.getLogger(__name__)
+
+NUM_SEMANTIC_TOKENS = 65
+
+
+@dataclasses.dataclass
+class SamplerOptions:
+    steps: int = 50
+    guidance: float = 5.0
+    shift: float = 5.0
+    seed: int = 0
+    denoise: float = 1.0                       # < 1: start from the source noised to sigma = denoise
+    # Two-scale CFG: pred = c_IT + s_I (c_IT - c_0T) + s_T (c_IT - c_I0); used when both are set.
+    source_guidance: Optional[float] = None    # s_I
+    text_guidance: Optional[float] = None      # s_T
+    batch_cfg: bool = False                    # run the CFG passes as one batch (faster on GPUs, more memory)
+    num_semantic_tokens: int = NUM_SEMANTIC_TOKENS
+    anchor_strength: float = 0.0               # fraction of the steps that inject the anchor tokens
+    solver: str = "euler"
+
+    @property
+    def two_scale(self) -> bool:
+        return self.source_guidance is not None and self.text_guidance is not None
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """What a per-step callback sees (progress and previews). Tensors are the live ones: don't modify."""
+    step: int                  # 0-based index of the step just finished
+    total: int
+    sigma: float
+    latents: torch.Tensor      # (B, 16, F, H, W) after the step
+    denoised: torch.Tensor     # (B, 16, F, H, W) predicted clean latents at this step (for previews)
+    semantic: Optional[torch.Tensor]
+
+
+@dataclasses.dataclass
+class SampleResult:
+    latents: torch.Tensor                  # (B, 16, F, H, W) normalised clean latents
+    semantic: Optional[torch.Tensor]       # (B, N, siglip_dim) final semantic tokens
+
+
+def initial_noise(shape, semantic_shape, seed: int, dtype=torch.float32):
+    """Video noise, then semantic noise, from one CPU generator: identical on every device."""
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    video = torch.randn(shape, generator=g, dtype=torch.float32)
+    semantic = torch.randn(semantic_shape, generator=g, dtype=torch.float32) if semantic_shape else None
+    return video.to(dtype), (semantic.to(dtype) if semantic is not None else None)
+
+
+def combine_cfg(preds: dict, opts: SamplerOptions):
+    """CFG over the named passes: 'cond' (source + text), 'uncond' (source + negative text),
+    'no_source' (text, no source; two-scale only). Applied to video and semantic alike."""
+    def mix(c, u, n):
+        if c is None:
+            return None
+        if opts.two_scale:
+            return c + opts.source_guidance * (c - n) + opts.text_guidance * (c - u)
+        if u is None:
+            return c
+        return u + opts.guidance * (c - u)
+    video = mix(preds["cond"][0], preds.get("uncond", (None, None))[0], preds.get("no_source", (None, None))[0])
+    sem = mix(preds["cond"][1], preds.get("uncond", (None, None))[1], preds.get("no_source", (None, None))[1])
+    return video, sem
+
+
+def _pass_plan(opts: SamplerOptions) -> list[str]:
+    if opts.two_scale:
+        return ["cond", "uncond", "no_source"]
+    return ["cond"] if opts.guidance == 1.0 else ["cond", "uncond"]
+
+
+def make_denoiser(model, source, cond, uncond, opts: SamplerOptions):
+    """One closure (x, semantic, sigma) -> guided (v_video, v_semantic): the single place the DiT runs."""
+    plan = _pass_plan(opts)
+    contexts = {"cond": cond, "uncond": uncond, "no_source": cond}
+    if "uncond" in plan and uncond is None:
+        raise SamaInputError("guidance needs a negative (uncond) text embedding; pass one or set guidance 1.0")
+    sources = {"cond": source, "uncond": source, "no_source": None}
+
+    def run_separately(x, sem, t):
+        return {name: tuple(model(x, t, contexts[name], source=sources[name], semantic_tokens=sem))
+                for name in plan}
+
+    def run_batched(x, sem, t):
+        # Passes that share the source layout go in one batch; the no-source pass runs alone.
+        out = {}
+        with_source = [n for n in plan if sources[n] is not None]
+        n = len(with_source)
+        b = x.shape[0]
+        ctx = torch.cat([fit_text_rows(contexts[name], TEXT_LEN) for name in with_source])
+        src = torch.cat([source] * n)
+        res = model(torch.cat([x] * n), t.repeat(n), ctx, source=src,
+                    semantic_tokens=None if sem is None else torch.cat([sem] * n))
+        for i, name in enumerate(with_source):
+            out[name] = (res.video[i * b:(i + 1) * b], None if res.semantic is None else res.semantic[i * b:(i + 1) * b])
+        if "no_source" in plan:
+            out["no_source"] = tuple(model(x, t, cond, source=None, semantic_tokens=sem))
+        return out
+
+    run = run_batched if (opts.batch_cfg and source is not None and len(plan) > 1) else run_separately
+
+    def denoise(x, sem, sigma):
+        t = timesteps_of(torch.as_tensor(sigma, dtype=torch.float32)).reshape(1).expand(x.shape[0])  # (B,)
+        return combine_cfg(run(x, sem, t.to(x.device)), opts)
+    return denoise
+
+
+def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
+           source: Optional[torch.Tensor] = None, target_shape=None,
+           options: Optional[SamplerOptions] = None, anchor_tokens: Optional[torch.Tensor] = None,
+           callback: Optional[Callable[[StepInfo], None]] = None,
+           should_interrupt: Optional[Callable[[], bool]] = None,
+           denoiser_wrapper: Optional[Callable] = None) -> SampleResult:
+    """Edit (or generate) latents.
+
+    cond / uncond: (B, L, text_dim) text embeddings (L <= 512 rows; the DiT pads to 512).
+    source: (B, 16, F, H, W) NORMALISED clean source latents; None = plain T2V generation.
+    target_shape: the latent shape to generate (default: the source's).
+    anchor_tokens: (B, 65*N, siglip_dim) clean SigLIP tokens of an edited anchor frame: they replace the
+        semantic stream, noised to the current sigma, for the first `anchor_strength` fraction of the steps.
+    callback(StepInfo) after each step; should_interrupt() before each step -> SamaInterrupted.
+    denoiser_wrapper(denoise) -> denoise: a seam for step caches and long-video windows.
+    """
+    opts = options or SamplerOptions()
+    model_has_sama = getattr(model, "config", None) is None or model.config.has_sama
+    if target_shape is None:
+        if source is None:
+            raise SamaInputError("give a source video (editing) or a target_shape (generation)")
+        target_shape = tuple(source.shape)
+    device = cond.device
+    dtype = source.dtype if source is not None else cond.dtype
+    sigmas = flow_sigmas(opts.steps, opts.shift, opts.denoise)
+
+    sem_shape = None
+    if model_has_sama:
+        n_sem = anchor_tokens.shape[1] if anchor_tokens is not None else opts.num_semantic_tokens
+        sem_shape = (target_shape[0], n_sem, model.config.siglip_dim if hasattr(model, "config") else 1152)
+        if anchor_tokens is not None and tuple(anchor_tokens.shape) != sem_shape:
+            raise SamaInputError(f"anchor tokens {tuple(anchor_tokens.shape)} must be {sem_shape} "
+                                 "(batch, 65 per anchor, SigLIP width)")
+    noise, sem_noise = initial_noise(target_shape, sem_shape, opts.seed, dtype)
+    noise, sem_noise = noise.to(device), (sem_noise.to(device) if sem_noise is not None else None)
+
+    x = noise
+    if opts.denoise < 1.0:
+        if source is None or tuple(source.shape) != tuple(target_shape):
+            raise SamaInputError("denoise < 1 starts from the source video: give a source of the target's shape")
+        x = add_noise(source, noise, sigmas[0])
+    # The semantic stream has no clean start: it starts from noise scaled to the start sigma (an anchor,
+    # when given, is noised in below at every injected step).
+    sem = None if sem_noise is None else sem_noise * sigmas[0]
+    anchor_steps = round(opts.anchor_strength * opts.steps) if anchor_tokens is not None else 0
+
+    denoise = make_denoiser(model, source, cond, uncond, opts)
+    if denoiser_wrapper is not None:
+        denoise = denoiser_wrapper(denoise)
+    solver = get_solver(opts.solver)
+
+    for i in range(opts.steps):
+        if should_interrupt is not None and should_interrupt():
+            raise SamaInterrupted(f"sampling interrupted at step {i}/{opts.steps}; nothing was written")
+        # 0-dim float32 tensors, as the released scheduler: the Euler difference is taken in float32.
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        if i < anchor_steps:
+            sem = add_noise(anchor_tokens.to(sem), sem_noise, sigma)
+        v, v_sem = denoise(x, sem, sigma)
+        denoised = predicted_clean(x, v, sigma)
+        x = solver(x, v, sigma, sigma_next)
+        if sem is not None:
+            sem = solver(sem, v_sem, sigma, sigma_next)
+        if callback is not None:
+            callback(StepInfo(i, opts.steps, float(sigma), x, denoised, sem))
+    return SampleResult(x, sem)

@@ -1,0 +1,63 @@
+"""Flow-matching sigmas and solvers (SAMA_REFERENCE.md section 4).
+
+sigmas = linspace(denoise, 0, steps + 1)[:-1], shifted s*x / (1 + (s-1)*x) (shift s = 5.0);
+timestep = sigma * 1000; the last step goes to sigma 0; the model predicts v = noise - x0, and
+the Euler update is x_next = x + v * (sigma_next - sigma). Computed in float32 like the released
+scheduler, so our timesteps are bit-identical to it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .errors import SamaInputError
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flow_sigmas(steps: int, shift: float = 5.0, denoise: float = 1.0) -> torch.Tensor:
+    """(steps + 1,) sigmas from the start sigma down to exactly 0 (the last entry)."""
+    if steps < 1:
+        raise SamaInputError(f"steps must be at least 1, got {steps}")
+    if not 0.0 < denoise <= 1.0:
+        raise SamaInputError(f"denoise must be in (0, 1], got {denoise}; 1.0 starts from pure noise")
+    if shift <= 0:
+        raise SamaInputError(f"shift must be positive, got {shift} (SAMA uses 5.0)")
+    sigmas = shift_sigmas(torch.linspace(denoise, 0.0, steps + 1)[:-1], shift)
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def timesteps_of(sigmas: torch.Tensor) -> torch.Tensor:
+    return sigmas * NUM_TRAIN_TIMESTEPS
+
+
+def add_noise(clean: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """The flow-matching path: x_sigma = (1 - sigma) * x0 + sigma * noise."""
+    return (1 - sigma) * clean + sigma * noise
+
+
+def predicted_clean(x: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor:
+    """x0 = x - sigma * v, since v = noise - x0 (used for previews)."""
+    return x - sigma * v
+
+
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    return x + v * (sigma_next - sigma)
+
+
+# Solvers take (x, v, sigma, sigma_next) and return the next x. Faster multistep solvers and step
+# caches plug in here (they may keep state in a closure built per sampling run).
+SOLVERS: dict[str, Callable] = {"euler": euler_step}
+
+
+def get_solver(name: str) -> Callable:
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        raise SamaInputError(f"unknown solver '{name}'; choose one of {', '.join(SOLVERS)}") from None
