@@ -41,6 +41,10 @@ class SamplerOptions:
     num_semantic_tokens: int = NUM_SEMANTIC_TOKENS
     anchor_strength: float = 0.0               # fraction of the steps that inject the anchor tokens
     solver: str = "euler"
+    # Long videos: temporal windows in LATENT frames, used when the video is longer than one window
+    # (None = never). Every window sees the same noise, prompt and the one shared semantic stream.
+    window_latent_frames: Optional[int] = None
+    window_overlap: int = 4
 
     @property
     def two_scale(self) -> bool:
@@ -130,6 +134,29 @@ def make_denoiser(model, source, cond, uncond, opts: SamplerOptions):
     return denoise
 
 
+def make_windowed_denoiser(model, source, cond, uncond, opts: SamplerOptions, num_frames: int):
+    """Long videos: each step runs the guided model on overlapping temporal windows of the latents
+    (each with its own slice of the source) and blends the video velocities with weights that sum
+    to one at every frame; the semantic stream is shared, its velocity averaged over the windows.
+    Blending velocities every step (rather than whole edited windows at the end) keeps one latent
+    video, so the overlaps agree and the edit stays consistent across windows."""
+    from .windows import WindowBlender, plan_windows
+    plan = plan_windows(num_frames, opts.window_latent_frames, opts.window_overlap)
+    per_window = [make_denoiser(model, None if source is None else source[:, :, w.start:w.end], cond, uncond, opts)
+                  for w in plan.windows]
+    log.info("long video: %d latent frames in %d windows of %d", num_frames, len(plan), plan.window)
+
+    def denoise(x, sem, sigma):
+        blender, sem_v = WindowBlender(plan, dim=2), None
+        for i, (w, run) in enumerate(zip(plan.windows, per_window)):
+            v, v_sem = run(x[:, :, w.start:w.end], sem, sigma)
+            blender.add(i, v)
+            if v_sem is not None:
+                sem_v = v_sem / len(plan) if sem_v is None else sem_v + v_sem / len(plan)
+        return blender.result(), sem_v
+    return denoise
+
+
 def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
            source: Optional[torch.Tensor] = None, target_shape=None,
            options: Optional[SamplerOptions] = None, anchor_tokens: Optional[torch.Tensor] = None,
@@ -177,6 +204,8 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
     anchor_steps = round(opts.anchor_strength * opts.steps) if anchor_tokens is not None else 0
 
     denoise = make_denoiser(model, source, cond, uncond, opts)
+    if opts.window_latent_frames and target_shape[2] > opts.window_latent_frames:
+        denoise = make_windowed_denoiser(model, source, cond, uncond, opts, target_shape[2])
     if denoiser_wrapper is not None:
         denoise = denoiser_wrapper(denoise)
     solver = get_solver(opts.solver)
