@@ -134,6 +134,13 @@ def make_denoiser(model, source, cond, uncond, opts: SamplerOptions):
     return denoise
 
 
+def anchor_velocity(sem: torch.Tensor, anchor: torch.Tensor, sigma) -> torch.Tensor:
+    """The velocity that keeps the semantic stream on the anchor's flow path: with it the model's
+    clean estimate is the anchor, and an Euler step from (1-s) a + s e lands on (1-s') a + s' e.
+    Used for the injected steps here and by the ComfyUI model wrapper (where the sampler owns the state)."""
+    return (sem - anchor) / sigma
+
+
 def make_windowed_denoiser(model, source, cond, uncond, opts: SamplerOptions, num_frames: int):
     """Long videos: each step runs the guided model on overlapping temporal windows of the latents
     (each with its own slice of the source) and blends the video velocities with weights that sum
@@ -168,8 +175,11 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
     cond / uncond: (B, L, text_dim) text embeddings (L <= 512 rows; the DiT pads to 512).
     source: (B, 16, F, H, W) NORMALISED clean source latents; None = plain T2V generation.
     target_shape: the latent shape to generate (default: the source's).
-    anchor_tokens: (B, 65*N, siglip_dim) clean SigLIP tokens of an edited anchor frame: they replace the
-        semantic stream, noised to the current sigma, for the first `anchor_strength` fraction of the steps.
+    anchor_tokens: (B, 65*N, siglip_dim) clean SigLIP tokens of an edited anchor frame: for the first
+        `anchor_strength` fraction of the steps the semantic stream is replaced by the anchor noised to the
+        current sigma (with the run's own semantic noise) and moved along the anchor's flow path; the
+        video latents meanwhile see the anchor's semantics. Afterwards the model's own semantic velocity
+        takes over from the anchor path.
     callback(StepInfo) after each step; should_interrupt() before each step -> SamaInterrupted.
     denoiser_wrapper(denoise) -> denoise: a seam for step caches and long-video windows.
     """
@@ -215,9 +225,12 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
             raise SamaInterrupted(f"sampling interrupted at step {i}/{opts.steps}; nothing was written")
         # 0-dim float32 tensors, as the released scheduler: the Euler difference is taken in float32.
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        if i < anchor_steps:
+        injecting = i < anchor_steps
+        if injecting:
             sem = add_noise(anchor_tokens.to(sem), sem_noise, sigma)
         v, v_sem = denoise(x, sem, sigma)
+        if injecting:
+            v_sem = anchor_velocity(sem, anchor_tokens.to(sem), sigma)
         denoised = predicted_clean(x, v, sigma)
         x = solver(x, v, sigma, sigma_next)
         if sem is not None:

@@ -150,7 +150,7 @@ def test_anchor_injection_replaces_the_semantic_stream_for_the_first_steps(setup
     sample(rec, inp["context"], None, source=inp["source"], options=opts, anchor_tokens=anchor)
     _, sem_noise = initial_noise(inp["source"].shape, (1, 65, TINY.siglip_dim), 2)
     sigmas = flow_sigmas(4)
-    for i in range(2):  # injected: (1 - sigma) * anchor + sigma * (the run's semantic noise)
+    for i in range(3):  # injected steps and the hand-off: (1 - sigma) * anchor + sigma * (the run's noise)
         torch.testing.assert_close(rec.calls[i]["sem"], (1 - sigmas[i]) * anchor + sigmas[i] * sem_noise,
                                    atol=1e-6, rtol=0)
     # Not injected afterwards: the stream continues from the model's own update.
