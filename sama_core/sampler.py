@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Callable, Optional
 
 import torch
@@ -211,7 +212,9 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
     # The semantic stream has no clean start: it starts from noise scaled to the start sigma (an anchor,
     # when given, is noised in below at every injected step).
     sem = None if sem_noise is None else sem_noise * sigmas[0]
-    anchor_steps = round(opts.anchor_strength * opts.steps) if anchor_tokens is not None else 0
+    # Inject while the schedule's progress i / steps is below the strength (the ComfyUI wrapper uses the
+    # same rule on sigmas: inject while the unshifted sigma is above 1 - strength).
+    anchor_steps = math.ceil(opts.anchor_strength * opts.steps - 1e-9) if anchor_tokens is not None else 0
 
     denoise = make_denoiser(model, source, cond, uncond, opts)
     if opts.window_latent_frames and target_shape[2] > opts.window_latent_frames:

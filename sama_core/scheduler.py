@@ -33,6 +33,13 @@ def flow_sigmas(steps: int, shift: float = 5.0, denoise: float = 1.0) -> torch.T
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
+def anchor_sigma_cut(strength: float, shift: float) -> float:
+    """Semantic anchors are injected while sigma > this: the shifted sigma at progress `strength`
+    (strength 0 -> 1.0, never; strength 1 -> 0.0, every step)."""
+    strength = min(max(float(strength), 0.0), 1.0)
+    return float(shift_sigmas(torch.tensor(1.0 - strength, dtype=torch.float32), shift))
+
+
 def timesteps_of(sigmas: torch.Tensor) -> torch.Tensor:
     return sigmas * NUM_TRAIN_TIMESTEPS
 

@@ -224,3 +224,13 @@ def test_long_video_runs_in_blended_windows_with_one_semantic_stream():
     same = sample(model, inp["context"], None, source=inp["source"],
                   options=SamplerOptions(steps=2, guidance=1.0, window_latent_frames=7))
     assert torch.equal(full.latents, same.latents)
+
+
+@pytest.mark.parametrize("steps,strength", [(4, 0.5), (10, 0.25), (7, 0.3), (50, 1.0), (5, 0.0)])
+def test_anchor_step_count_and_sigma_cut_agree(steps, strength):
+    """Headless counts injected steps, the ComfyUI wrapper compares sigmas: both pick the same steps."""
+    import math
+    from sama_core.scheduler import anchor_sigma_cut
+    sigmas = flow_sigmas(steps)[:-1]
+    by_sigma = int((sigmas > anchor_sigma_cut(strength, 5.0)).sum())
+    assert by_sigma == math.ceil(strength * steps - 1e-9)
