@@ -173,7 +173,8 @@ class SamaInContext(io.ComfyNode):
                 "simple, 50 steps, cfg 5 reproduces SAMA Sampler up to float rounding (the noise layout "
                 "differs, so the same seed gives a different sample)."),
             inputs=[
-                io.Conditioning.Input("positive"), io.Conditioning.Input("negative"),
+                io.Conditioning.Input("positive", tooltip="From SAMA Text Encode."),
+                io.Conditioning.Input("negative", tooltip="From SAMA Text Encode."),
                 *_source_inputs(),
                 Anchors.Input("anchors", optional=True, tooltip="Semantic anchors of an edited frame."),
                 io.Float.Input("anchor_strength", default=0.5, min=0.0, max=1.0, step=0.05, optional=True,
@@ -181,8 +182,10 @@ class SamaInContext(io.ComfyNode):
                 io.Float.Input("shift", default=SAMA_SHIFT, min=0.1, max=20.0, step=0.1, optional=True,
                                tooltip="The sampling shift in use (to place anchor_strength on the schedule)."),
             ],
-            outputs=[io.Conditioning.Output("positive", display_name="positive"),
-                     io.Conditioning.Output("negative", display_name="negative"),
+            outputs=[io.Conditioning.Output("positive_out", display_name="positive",
+                                            tooltip="positive with the source (and anchors) added"),
+                     io.Conditioning.Output("negative_out", display_name="negative",
+                                            tooltip="negative with the source (and anchors) added"),
                      io.Latent.Output("latent", display_name="latent",
                                       tooltip="Video + packed semantic frames: sample it, then Extract.")],
         )

@@ -23,8 +23,8 @@ def _inputs_common():
 
 
 _OUTPUTS = [
-    io.Conditioning.Output("positive", display_name="positive", tooltip="The instruction's conditioning."),
-    io.Conditioning.Output("negative", display_name="negative", tooltip="The negative conditioning."),
+    io.Conditioning.Output("positive_out", display_name="positive", tooltip="The instruction's conditioning."),
+    io.Conditioning.Output("negative_out", display_name="negative", tooltip="The negative conditioning."),
 ]
 
 

@@ -1,0 +1,67 @@
+"""SAMA Anchor Encode: SigLIP (native CLIP Vision loader) tokens of anchor frames -> SAMA_ANCHORS."""
+
+import math
+
+import torch
+from comfy_api.latest import io
+
+from ..sama_core.anchors import choose_anchor_frames, concat_anchors, pool_anchor_tokens
+from ..sama_core.errors import SamaInputError
+
+Anchors = io.Custom("SAMA_ANCHORS")
+
+
+def parse_frame_list(text: str):
+    """'0, 40, -1' -> [0, 40, -1]; '' -> None."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise SamaInputError(f"frame_indices must be comma-separated integers like '0, 40, 80', got '{text}'") from None
+
+
+def patch_sequence(output) -> torch.Tensor:
+    """The post-LayerNorm patch tokens (N, P*P, D) from a CLIP_VISION_OUTPUT (SigLIP has no class token)."""
+    tokens = output["image_embeds"] if output["image_embeds"].ndim == 3 else output["last_hidden_state"]
+    side = math.isqrt(tokens.shape[1])
+    if side * side != tokens.shape[1]:
+        raise SamaInputError(f"the vision encoder returned {tokens.shape[1]} tokens, not a square patch grid: "
+                             "load a SigLIP encoder (sigclip_vision_patch14_384) with Load CLIP Vision")
+    return tokens
+
+
+class SamaAnchorEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SamaAnchorEncode", display_name="SAMA Anchor Encode", category="SAMA",
+            description=(
+                "Encodes anchor frames with SigLIP into SAMA's semantic tokens: per anchor, 64 local tokens "
+                "(8x8 average pool of the patch grid) + 1 global token (mean) = 65. Give it an EDITED frame "
+                "(e.g. the first frame edited in any image editor) and connect the anchors to SAMA Sampler: "
+                "the edit then follows that picture."),
+            inputs=[
+                io.ClipVision.Input("clip_vision", tooltip="SigLIP so400m patch14 384 from Load CLIP Vision."),
+                io.Image.Input("images", tooltip="The anchor frame(s): an edited image, or video frames."),
+                io.Int.Input("num_anchors", default=1, min=1, max=16,
+                             tooltip="How many evenly spaced frames to use (1 = the first frame)."),
+                io.String.Input("frame_indices", default="", optional=True,
+                                tooltip="Or explicit frame numbers, e.g. '0, 40, 80' (negative counts from "
+                                        "the end); overrides num_anchors."),
+            ],
+            outputs=[Anchors.Output(tooltip="65 tokens per anchor, for SAMA Sampler / SAMA In-Context.")],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision, images, num_anchors, frame_indices="") -> io.NodeOutput:
+        explicit = parse_frame_list(frame_indices)
+        chosen = choose_anchor_frames(images.shape[0], n=None if explicit else num_anchors, frames=explicit)
+        output = clip_vision.encode_image(images[chosen][..., :3], crop=True)
+        tokens = patch_sequence(output).float().cpu()  # (N, P*P, D)
+        pooled = pool_anchor_tokens(tokens, grid=math.isqrt(tokens.shape[1]))  # (N, 65, D)
+        return io.NodeOutput({"tokens": concat_anchors(pooled), "frames": list(chosen)})
+
+
+NODES = [SamaAnchorEncode]
