@@ -416,6 +416,78 @@ def load_wan_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return model.to(device=device).eval().requires_grad_(False)
 
 
+
+# ----------------------------------------------------------------------------------------------- writing
+# Names of Wan2.1's own VAE module tree (wan/modules/vae.py), for writing the original layout.
+_RES = ["residual.0.gamma", "residual.2.weight", "residual.2.bias", "residual.3.gamma", "residual.6.weight",
+       "residual.6.bias"]
+_ATTN = ["norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias"]
+_CONV = ["weight", "bias"]
+
+
+def original_layout_key_names(base_dim, dim_mult=(1, 2, 4, 4), num_res_blocks=2,
+                              temperal_downsample=(False, True, True)):
+    """Parameter names of Wan2.1's original VAE module tree (encoder/decoder as flat Sequentials)."""
+    keys = [f"encoder.conv1.{n}" for n in _CONV]
+    dims = [base_dim * m for m in (1, *dim_mult)]
+    index = 0
+    for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+        for _ in range(num_res_blocks):
+            keys += [f"encoder.downsamples.{index}.{n}" for n in _RES]
+            if in_dim != out_dim:
+                keys += [f"encoder.downsamples.{index}.shortcut.{n}" for n in _CONV]
+            in_dim, index = out_dim, index + 1
+        if level != len(dim_mult) - 1:
+            keys += [f"encoder.downsamples.{index}.resample.1.{n}" for n in _CONV]
+            if temperal_downsample[level]:
+                keys += [f"encoder.downsamples.{index}.time_conv.{n}" for n in _CONV]
+            index += 1
+    for part in ("encoder", "decoder"):
+        keys += [f"{part}.middle.0.{n}" for n in _RES] + [f"{part}.middle.1.{n}" for n in _ATTN]
+        keys += [f"{part}.middle.2.{n}" for n in _RES]
+        keys += [f"{part}.head.0.gamma"] + [f"{part}.head.2.{n}" for n in _CONV]
+    keys += [f"conv1.{n}" for n in _CONV] + [f"conv2.{n}" for n in _CONV] + [f"decoder.conv1.{n}" for n in _CONV]
+    dims = [base_dim * m for m in (dim_mult[-1], *dim_mult[::-1])]
+    temperal_upsample = temperal_downsample[::-1]
+    index = 0
+    for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+        if level > 0:
+            in_dim //= 2  # the upsampler before this level halves the channels
+        for _ in range(num_res_blocks + 1):
+            keys += [f"decoder.upsamples.{index}.{n}" for n in _RES]
+            if in_dim != out_dim:
+                keys += [f"decoder.upsamples.{index}.shortcut.{n}" for n in _CONV]
+            in_dim, index = out_dim, index + 1
+        if level != len(dim_mult) - 1:
+            keys += [f"decoder.upsamples.{index}.resample.1.{n}" for n in _CONV]
+            if temperal_upsample[level]:
+                keys += [f"decoder.upsamples.{index}.time_conv.{n}" for n in _CONV]
+            index += 1
+    return keys
+
+
+def to_original_layout(diffusers_sd, base_dim):
+    """A diffusers AutoencoderKLWan state dict -> Wan's original / ComfyUI key layout.
+
+    diffusers ships only the forward converter (original -> diffusers); applying it to the original
+    *names* gives the name mapping, whose inverse is this function."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+    names = original_layout_key_names(base_dim)
+    diffusers_to_original = convert_wan_vae_to_diffusers({k: k for k in names})  # {diffusers name: original}
+    if set(diffusers_to_original) != set(diffusers_sd):
+        raise SamaModelFileError("this VAE's layout has no original-layout equivalent (only num_res_blocks=2, "
+                                 "dim_mult [1,2,4,4] convert)")
+    return {orig: diffusers_sd[name].detach().clone() for name, orig in diffusers_to_original.items()}
+
+
+def save_original_layout(model, path) -> None:
+    """Save a diffusers AutoencoderKLWan as a single safetensors in the original / ComfyUI layout, which
+    our loader and ComfyUI's native VAE loader both read."""
+    from safetensors.torch import save_file
+    base_dim = model.config.base_dim
+    save_file({k: v.contiguous() for k, v in to_original_layout(model.state_dict(), base_dim).items()}, str(path))
+
+
 # ----------------------------------------------------------------------------------------------- wrapper
 
 class WanVAE:

@@ -23,62 +23,9 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
 from sama_core.errors import SamaFileNotFoundError, SamaInputError, SamaModelFileError
 from sama_core.vae import (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, VAETiling, WanVAE, denormalize_latents,
-                           load_wan_vae, normalize_latents)
+                           load_wan_vae, normalize_latents, original_layout_key_names, to_original_layout)
 
 BASE_DIM = 8
-RES = ["residual.0.gamma", "residual.2.weight", "residual.2.bias", "residual.3.gamma", "residual.6.weight",
-       "residual.6.bias"]
-ATTN = ["norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias"]
-CONV = ["weight", "bias"]
-
-
-def original_layout_key_names(base_dim, dim_mult=(1, 2, 4, 4), num_res_blocks=2,
-                              temperal_downsample=(False, True, True)):
-    """Parameter names of Wan2.1's original VAE module tree (encoder/decoder as flat Sequentials)."""
-    keys = [f"encoder.conv1.{n}" for n in CONV]
-    dims = [base_dim * m for m in (1, *dim_mult)]
-    index = 0
-    for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
-        for _ in range(num_res_blocks):
-            keys += [f"encoder.downsamples.{index}.{n}" for n in RES]
-            if in_dim != out_dim:
-                keys += [f"encoder.downsamples.{index}.shortcut.{n}" for n in CONV]
-            in_dim, index = out_dim, index + 1
-        if level != len(dim_mult) - 1:
-            keys += [f"encoder.downsamples.{index}.resample.1.{n}" for n in CONV]
-            if temperal_downsample[level]:
-                keys += [f"encoder.downsamples.{index}.time_conv.{n}" for n in CONV]
-            index += 1
-    for part in ("encoder", "decoder"):
-        keys += [f"{part}.middle.0.{n}" for n in RES] + [f"{part}.middle.1.{n}" for n in ATTN]
-        keys += [f"{part}.middle.2.{n}" for n in RES]
-        keys += [f"{part}.head.0.gamma"] + [f"{part}.head.2.{n}" for n in CONV]
-    keys += [f"conv1.{n}" for n in CONV] + [f"conv2.{n}" for n in CONV] + [f"decoder.conv1.{n}" for n in CONV]
-    dims = [base_dim * m for m in (dim_mult[-1], *dim_mult[::-1])]
-    temperal_upsample = temperal_downsample[::-1]
-    index = 0
-    for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
-        if level > 0:
-            in_dim //= 2  # the upsampler before this level halves the channels
-        for _ in range(num_res_blocks + 1):
-            keys += [f"decoder.upsamples.{index}.{n}" for n in RES]
-            if in_dim != out_dim:
-                keys += [f"decoder.upsamples.{index}.shortcut.{n}" for n in CONV]
-            in_dim, index = out_dim, index + 1
-        if level != len(dim_mult) - 1:
-            keys += [f"decoder.upsamples.{index}.resample.1.{n}" for n in CONV]
-            if temperal_upsample[level]:
-                keys += [f"decoder.upsamples.{index}.time_conv.{n}" for n in CONV]
-            index += 1
-    return keys
-
-
-def to_original_layout(diffusers_sd, base_dim):
-    names = original_layout_key_names(base_dim)
-    diffusers_to_original = convert_wan_vae_to_diffusers({k: k for k in names})  # {diffusers name: original}
-    assert len(diffusers_to_original) == len(names)
-    assert set(diffusers_to_original) == set(diffusers_sd), "original-layout names do not cover the model"
-    return {orig: diffusers_sd[name].clone() for name, orig in diffusers_to_original.items()}
 
 
 def make_tiny_vae(seed=0):
