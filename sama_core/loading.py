@@ -378,3 +378,63 @@ def inspect(paths, config=None) -> dict:
     if not cfg.has_sama:
         report["problem"] = "Wan2.1 base model without the SAMA parts: load the SAMA weights on top"
     return report
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+_LORA_SUFFIXES = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up",
+                  "lora_up.weight": "up", "alpha": "alpha"}
+_LORA_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.")
+
+
+def _lora_groups(sd: Mapping) -> dict:
+    """{module path in official names: {"down", "up", "alpha"}} from peft/diffusers, ComfyUI or kohya keys."""
+    groups: dict = {}
+    for key, value in sd.items():
+        suffix = next((s for s in _LORA_SUFFIXES if key.endswith("." + s)), None)
+        if suffix is None:
+            continue
+        module = key[: -len(suffix) - 1]
+        for prefix in _LORA_PREFIXES:
+            if module.startswith(prefix):
+                module = module[len(prefix):]
+                break
+        groups.setdefault(module, {})[_LORA_SUFFIXES[suffix]] = value
+    return groups
+
+
+def merge_lora(model, path, strength: float = 1.0) -> int:
+    """Merge a LoRA file into the model's Linear weights: W += strength * alpha/rank * up @ down.
+
+    Written here rather than through peft: applying a saved LoRA file to plain modules is this one
+    matrix product, while peft would need its adapter config and wrapper modules around every layer.
+    Returns the number of layers changed; unknown layer names are an error (a LoRA for another model).
+    """
+    tensors, _ = read_file(Path(path))
+    groups = _lora_groups(tensors)
+    if not groups:
+        raise SamaModelFileError(f"{path} holds no LoRA tensors (lora_A/lora_B or lora_down/lora_up)")
+    modules = dict(model.named_modules())
+    underscored = {name.replace(".", "_"): name for name in modules}
+    changed = 0
+    unknown = []
+    for name, parts in groups.items():
+        official = diffusers_to_official({name + ".weight": None})
+        name = next(iter(official))[: -len(".weight")]
+        if name.startswith("lora_unet_"):
+            name = underscored.get(name[len("lora_unet_"):], name)
+        layer = modules.get(name)
+        if layer is None or not hasattr(layer, "weight") or "down" not in parts or "up" not in parts:
+            unknown.append(name)
+            continue
+        down, up = parts["down"].float(), parts["up"].float()  # (r, in), (out, r)
+        scale = float(parts["alpha"]) / down.shape[0] if "alpha" in parts else 1.0
+        with torch.no_grad():
+            delta = (up @ down) * (scale * strength)
+            layer.weight.add_(delta.to(layer.weight.dtype).to(layer.weight.device).view_as(layer.weight))
+        changed += 1
+    if unknown:
+        raise SamaModelFileError(f"{path}: {len(unknown)} LoRA layers do not exist in this DiT, e.g. "
+                                 f"{unknown[:3]}; is it a LoRA for another model?")
+    log.info("merged LoRA %s (strength %s) into %d layers", path, strength, changed)
+    return changed

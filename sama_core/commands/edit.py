@@ -1,0 +1,152 @@
+"""`edit`: a video (or image) + an instruction -> the edited video, headless."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import SamaInputError
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model files")
+    g.add_argument("--model", action="append", required=True, metavar="PATH",
+                   help="a model bundle folder, or the DiT file(s): repeat for base shards/index then the SAMA file")
+    g.add_argument("--vae", help="Wan2.1 VAE (wan_2.1_vae.safetensors / Wan2.1_VAE.pth / diffusers folder)")
+    g.add_argument("--text-encoder", help="UMT5-XXL (umt5_xxl_*.safetensors / Wan .pth / HF folder)")
+    g.add_argument("--tokenizer", help="tokenizer (spiece.model / folder) when the text encoder file has none")
+    g.add_argument("--siglip", help="SigLIP so400m vision encoder (needed for --anchor)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="merge a LoRA (repeatable)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    r.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    r.add_argument("--attention", default="auto", help="attention backend: auto, sdpa_cudnn, sdpa_flash, math, ...")
+    r.add_argument("--offload", action="store_true", help="stream DiT blocks from CPU memory (GPU only)")
+    r.add_argument("--vae-tiling", action="store_true", help="tiled VAE encode/decode (less memory)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser):
+    s = p.add_argument_group("sampling (defaults: the released SAMA inference)")
+    s.add_argument("--steps", type=int, help="Euler steps (50)")
+    s.add_argument("--cfg", type=float, dest="guidance", help="guidance scale (5.0)")
+    s.add_argument("--shift", type=float, help="sigma shift (5.0)")
+    s.add_argument("--seed", type=int, default=0, help="same seed = same edit (0)")
+    s.add_argument("--denoise", type=float, help="1.0 = from noise; lower keeps more of the source")
+    s.add_argument("--source-scale", type=float, dest="source_guidance", help="two-scale CFG: source scale")
+    s.add_argument("--text-scale", type=float, dest="text_guidance", help="two-scale CFG: text scale")
+    s.add_argument("--batch-cfg", action="store_true", help="batch the CFG passes (faster on GPUs)")
+    s.add_argument("--window-frames", type=int, help="edit long videos in windows of this many frames (4k+1)")
+    f = p.add_argument_group("frames")
+    f.add_argument("--frames", help="frame range START:END of the source (end exclusive)")
+    f.add_argument("--stride", type=int, default=1, help="take every n-th frame")
+    f.add_argument("--max-frames", type=int, help="at most this many frames")
+    f.add_argument("--size", help="WxH (multiples of 16); default: the reference bucket for the aspect ratio")
+    f.add_argument("--resize", default="crop", choices=["crop", "letterbox", "stretch"], help="fit mode (crop)")
+    f.add_argument("--no-restore", action="store_true", help="keep the bucket size instead of the source size")
+
+
+def register(sub):
+    p = sub.add_parser("edit", help="edit a video or image with an instruction",
+                       description="Edit a video with SAMA. Example:\n  python -m sama_core edit --model "
+                                   "models/sama-bundle --video in.mp4 --prompt 'make the car red' --out out.mp4",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--video", required=True, help="source video (mp4, mov, ...) or image")
+    p.add_argument("--prompt", required=True, help="the edit instruction")
+    p.add_argument("--negative", help="negative prompt (default: '[Video edit]')")
+    p.add_argument("--no-prefix", action="store_true", help="do not prepend '[Video edit] ' to the prompt")
+    p.add_argument("--out", required=True, help="output .mp4 (or .png for an image)")
+    p.add_argument("--anchor", help="an edited anchor frame (image) steering the edit; needs --siglip")
+    p.add_argument("--anchor-strength", type=float, help="fraction of steps the anchor steers (0.5)")
+    p.add_argument("--compare", action="store_true", help="also write a side-by-side source | edit video")
+    add_sampling_args(p)
+    p.set_defaults(func=run)
+
+
+def parse_size(text):
+    if not text:
+        return None, None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+        return w, h
+    except ValueError:
+        raise SamaInputError(f"--size must look like 832x480, got '{text}'") from None
+
+
+def parse_range(text):
+    if not text:
+        return None
+    try:
+        start, end = text.split(":")
+        return int(start or 0), (int(end) if end else None)
+    except ValueError:
+        raise SamaInputError(f"--frames must look like START:END (e.g. 0:81), got '{text}'") from None
+
+
+def parse_lora(spec: str):
+    path, _, strength = spec.rpartition(":") if ":" in spec else (spec, "", "1")
+    try:
+        return (path or spec), float(strength or 1)
+    except ValueError:
+        return spec, 1.0
+
+
+def build_pipeline(args):
+    import torch
+
+    from ..pipeline import SamaPipeline
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    common = dict(device=device, dtype=dtype, attention_backend=args.attention, offload=args.offload,
+                  vae_tiling=args.vae_tiling, loras=[parse_lora(s) for s in args.lora])
+    models = args.model
+    from pathlib import Path
+    if len(models) == 1 and Path(models[0]).is_dir() and (Path(models[0]) / "bundle.json").exists():
+        return SamaPipeline.from_bundle(models[0], vae=args.vae, text_encoder=args.text_encoder,
+                                        tokenizer=args.tokenizer, siglip=args.siglip, **common)
+    if not args.vae or not args.text_encoder:
+        raise SamaInputError("--vae and --text-encoder are needed unless --model is a bundle folder")
+    return SamaPipeline.from_paths(models, args.vae, args.text_encoder, tokenizer=args.tokenizer,
+                                   siglip=args.siglip, **common)
+
+
+def settings_from(args, **extra):
+    from ..pipeline import EditSettings
+    width, height = parse_size(args.size)
+    return EditSettings(width=width, height=height, resize_mode=args.resize, restore_size=not args.no_restore,
+                        frame_range=parse_range(args.frames), stride=args.stride, max_frames=args.max_frames,
+                        **extra)
+
+
+def options_from(pipe, args, **extra):
+    window = (args.window_frames - 1) // 4 + 1 if args.window_frames else None
+    return pipe.sampler_options(steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed,
+                                denoise=args.denoise, source_guidance=args.source_guidance,
+                                text_guidance=args.text_guidance, batch_cfg=args.batch_cfg or None,
+                                window_latent_frames=window, **extra)
+
+
+def progress_bar(total_hint=None):
+    from tqdm import tqdm
+    bar = tqdm(total=total_hint, unit="step", desc="editing")
+
+    def on_step(info):
+        bar.total = info.total
+        bar.update(1)
+        if info.step + 1 == info.total:
+            bar.close()
+    return on_step
+
+
+def run(args) -> int:
+    pipe = build_pipeline(args)
+    settings = settings_from(args, negative=args.negative, use_prefix=not args.no_prefix,
+                             anchor_image=args.anchor)
+    options = options_from(pipe, args, anchor_strength=args.anchor_strength)
+    result = pipe.edit_file(args.video, args.prompt, args.out, settings, options, compare=args.compare,
+                            callback=progress_bar())
+    print(f"wrote {result.output} ({result.frames.shape[0]} frames, {result.frames.shape[2]}x"
+          f"{result.frames.shape[1]}, {float(result.fps):g} fps)")
+    if result.comparison:
+        print(f"comparison: {result.comparison}")
+    return 0

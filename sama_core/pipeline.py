@@ -1,0 +1,229 @@
+"""SamaPipeline: a video file and an instruction in, the edited video file out (headless).
+
+    pipe = SamaPipeline.from_paths(dit="sama.safetensors", vae="wan_2.1_vae.safetensors",
+                                   text_encoder="umt5_xxl_fp16.safetensors")
+    pipe.edit_file("in.mp4", "make the car red", "out.mp4")
+
+Steps: read -> bucket resize -> pad to 4k+1 -> VAE encode -> text encode -> joint sampling (sampler.py)
+-> VAE decode -> trim -> restore the source size -> write mp4 with the source audio (atomically: an
+interrupted run leaves no output file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .bundle import BUNDLE_FILE
+from .errors import SamaFileNotFoundError, SamaInputError
+from .loading import load_dit, merge_lora
+from .sampler import SampleResult, SamplerOptions, StepInfo, sample
+from .text import load_text_encoder
+from .vae import WanVAE
+from . import video as vio
+from .windows import latent_frame_count
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Above this many latent frames (81 video frames, the reference's longest clip), edit in windows.
+AUTO_WINDOW_LATENT_FRAMES = 21
+
+
+@dataclasses.dataclass
+class EditSettings:
+    """What to edit and how the frames are prepared; the sampling options live in SamplerOptions."""
+    width: Optional[int] = None          # explicit size (multiples of 16); default = the reference bucket
+    height: Optional[int] = None
+    target_area: Optional[int] = None    # bucket area; default: the bundle's, else the reference 480*832
+    resize_mode: str = "crop"            # crop | letterbox | stretch
+    restore_size: bool = True            # write the output at the source's size
+    frame_range: Optional[tuple] = None  # (start, end) in source frames
+    stride: int = 1
+    max_frames: Optional[int] = None
+    negative: Optional[str] = None
+    use_prefix: bool = True
+    anchor_image: Optional[str] = None   # an edited anchor frame (needs a SigLIP encoder)
+    anchor_frames: Optional[Sequence[int]] = None
+
+
+@dataclasses.dataclass
+class EditResult:
+    frames: torch.Tensor                 # (F, H, W, 3) in [0, 1], source frame count
+    fps: object
+    output: Optional[Path] = None
+    comparison: Optional[Path] = None
+
+
+def resolve_dtype(name_or_dtype) -> torch.dtype:
+    if isinstance(name_or_dtype, torch.dtype):
+        return name_or_dtype
+    try:
+        return DTYPES[name_or_dtype]
+    except KeyError:
+        raise SamaInputError(f"unknown dtype '{name_or_dtype}'; choose one of {', '.join(DTYPES)}") from None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class SamaPipeline:
+    def __init__(self, dit, vae: WanVAE, text_encoder, anchor_encoder=None, device="cpu", dtype=torch.float32,
+                 defaults: Optional[dict] = None):
+        self.dit, self.vae, self.text_encoder, self.anchor_encoder = dit, vae, text_encoder, anchor_encoder
+        self.device, self.dtype = torch.device(device), dtype
+        self.defaults = defaults or {}
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_paths(cls, dit, vae, text_encoder, tokenizer=None, siglip=None, siglip_num_heads=None, device=None,
+                   dtype="fp32",
+                   attention_backend="auto", loras: Sequence[tuple] = (), offload: bool = False,
+                   vae_tiling: bool = False, defaults: Optional[dict] = None) -> "SamaPipeline":
+        device = device or default_device()
+        dtype = resolve_dtype(dtype)
+        model = load_dit(dit, dtype=dtype, attention_backend=attention_backend)
+        for path, strength in loras:
+            merge_lora(model, path, strength)
+        if offload and str(device).startswith("cuda"):
+            # Blocks stream to the GPU one group at a time (diffusers' hooks; outputs are identical).
+            from diffusers.hooks import apply_group_offloading
+            apply_group_offloading(model, onload_device=torch.device(device), offload_type="block_level",
+                                   num_blocks_per_group=1, use_stream=True)
+        else:
+            model = model.to(device)
+        vae_model = WanVAE.from_file(vae, dtype=dtype if dtype != torch.float16 else torch.float32,
+                                     device=device, tiling=vae_tiling or None)
+        text = load_text_encoder(text_encoder, tokenizer_path=tokenizer, dtype=dtype, device=device)
+        anchors = None
+        if siglip is not None:
+            from .anchors import AnchorEncoder
+            anchors = AnchorEncoder.from_file(siglip, dtype=dtype, device=device,
+                                              num_attention_heads=siglip_num_heads)
+        return cls(model, vae_model, text, anchors, device=device, dtype=dtype, defaults=defaults)
+
+    @classmethod
+    def from_bundle(cls, folder, **overrides) -> "SamaPipeline":
+        """A model bundle folder: bundle.json naming the DiT, VAE, text encoder (+ tokenizer, SigLIP) files
+        relative to the folder, and default settings."""
+        folder = Path(folder)
+        manifest = folder / BUNDLE_FILE
+        if not manifest.exists():
+            raise SamaFileNotFoundError(f"{folder} is not a SAMA model bundle (no {BUNDLE_FILE}); pass --model "
+                                        "a bundle folder or --model DIT --vae VAE --text-encoder TE")
+        spec = json.loads(manifest.read_text())
+        paths = {k: (str(folder / spec[k]) if spec.get(k) else None)
+                 for k in ("dit", "vae", "text_encoder", "tokenizer", "siglip")}
+        missing = [k for k in ("dit", "vae", "text_encoder") if not paths[k]]
+        if missing:
+            raise SamaInputError(f"{manifest} does not name: {', '.join(missing)}")
+        kwargs = {**paths, "siglip_num_heads": spec.get("siglip_num_heads"), "defaults": spec.get("defaults", {}),
+                  **{k: v for k, v in overrides.items() if v is not None}}
+        return cls.from_paths(**kwargs)
+
+    # ------------------------------------------------------------------ editing
+
+    def sampler_options(self, **overrides) -> SamplerOptions:
+        names = {f.name for f in dataclasses.fields(SamplerOptions)}
+        values = {k: v for k, v in self.defaults.items() if k in names}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplerOptions(**values)
+
+    def encode_text(self, instruction: str, settings: EditSettings):
+        cond, uncond = self.text_encoder.encode_edit(instruction, negative=settings.negative,
+                                                     prefix=settings.use_prefix)
+        return cond.to(self.device, self.dtype), uncond.to(self.device, self.dtype)
+
+    def encode_anchor(self, settings: EditSettings, size) -> Optional[torch.Tensor]:
+        if not settings.anchor_image:
+            return None
+        if self.anchor_encoder is None:
+            raise SamaInputError("an anchor image needs a SigLIP encoder: pass --siglip FILE (or put 'siglip' in "
+                                 "the bundle)")
+        image, _ = vio.read_image(settings.anchor_image)
+        image, _ = vio.fit_frames(image, width=size[0], height=size[1], mode=settings.resize_mode)
+        return self.anchor_encoder.encode(image).to(self.device, self.dtype)  # (1, 65, 1152)
+
+    def edit_frames(self, frames: torch.Tensor, instruction: str, settings: Optional[EditSettings] = None,
+                    options: Optional[SamplerOptions] = None, callback: Optional[Callable[[StepInfo], None]] = None,
+                    should_interrupt: Optional[Callable[[], bool]] = None):
+        """frames (F, H, W, 3) in [0, 1] -> (edited frames at the source size, the sampling result)."""
+        settings = settings or EditSettings()
+        options = options or self.sampler_options()
+        source_h, source_w = frames.shape[1:3]
+        area = settings.target_area or self.defaults.get("target_area", vio.REFERENCE_BUCKET_AREA)
+        width, height = vio.resolve_size(source_w, source_h, settings.width, settings.height, area)
+        fitted, plan = vio.fit_frames(frames, width=width, height=height, mode=settings.resize_mode)
+        padded, count = vio.pad_to_4k_plus_1(fitted)
+        latent_frames = latent_frame_count(padded.shape[0])
+        if options.window_latent_frames is None and latent_frames > AUTO_WINDOW_LATENT_FRAMES:
+            options = dataclasses.replace(options, window_latent_frames=AUTO_WINDOW_LATENT_FRAMES)
+            log.info("%d frames: editing in windows of %d frames", padded.shape[0], 4 * AUTO_WINDOW_LATENT_FRAMES - 3)
+
+        source = self.vae.encode(vio.frames_to_vae_input(padded)).to(self.device, self.dtype)  # (1, 16, T, h, w)
+        cond, uncond = self.encode_text(instruction, settings)
+        anchor = self.encode_anchor(settings, (width, height))
+        if anchor is not None and options.anchor_strength == 0:
+            options = dataclasses.replace(options, anchor_strength=0.5)
+        with torch.no_grad():
+            result: SampleResult = sample(self.dit, cond, uncond, source=source, options=options,
+                                          anchor_tokens=anchor, callback=callback, should_interrupt=should_interrupt)
+        decoded = vio.vae_output_to_frames(self.vae.decode(result.latents))  # (F', H, W, 3)
+        edited = vio.trim(decoded, count)
+        if settings.restore_size:
+            edited = vio.restore(edited, plan, source=frames)
+        return edited, result
+
+    def edit_file(self, video_path, instruction: str, out_path, settings: Optional[EditSettings] = None,
+                  options: Optional[SamplerOptions] = None, compare: bool = False, callback=None,
+                  should_interrupt=None) -> EditResult:
+        settings = settings or EditSettings()
+        frames, info = vio.read_media(video_path, frame_range=settings.frame_range, stride=settings.stride,
+                                      max_frames=settings.max_frames)
+        edited, _ = self.edit_frames(frames, instruction, settings, options, callback, should_interrupt)
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        fps = info.fps or 16
+        if out_path.suffix.lower() in vio.IMAGE_EXTENSIONS:
+            _write_image(out_path, edited[0])
+            written = out_path
+        else:
+            written = vio.write_video(out_path, edited, fps, audio_from=None if info.is_image else video_path,
+                                      audio_start=info.start_time)
+        comparison = None
+        if compare:
+            comparison = out_path.with_name(out_path.stem + "_compare" + (out_path.suffix or ".mp4"))
+            side = vio.side_by_side(_same_size(frames, edited), edited, scale=_view_scale(edited))
+            if comparison.suffix.lower() in vio.IMAGE_EXTENSIONS:
+                _write_image(comparison, side[len(side) // 2])
+            else:
+                vio.write_video(comparison, side, fps)
+        return EditResult(edited, fps, written, comparison)
+
+
+def _same_size(frames, like):
+    if frames.shape[1:3] == like.shape[1:3]:
+        return frames
+    return vio.resize_frames(frames, like.shape[2], like.shape[1])
+
+
+def _view_scale(frames) -> float:
+    """Upscale small clips for viewing (the tiny demo model works at 64 px)."""
+    side = max(frames.shape[1:3])
+    return float(max(1, 512 // side)) if side < 256 else 1.0
+
+
+def _write_image(path: Path, frame: torch.Tensor):
+    from PIL import Image
+    arr = (frame.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    Image.fromarray(arr).save(tmp)
+    os.replace(tmp, path)
