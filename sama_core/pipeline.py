@@ -51,6 +51,7 @@ class EditSettings:
     use_prefix: bool = True
     anchor_image: Optional[str] = None   # an edited anchor frame (needs a SigLIP encoder)
     anchor_frames: Optional[Sequence[int]] = None
+    blank_frames: Optional[tuple] = None  # (start, end): blank these source frames (cube-inpainting repair)
 
 
 @dataclasses.dataclass
@@ -108,6 +109,7 @@ class SamaPipeline:
             from .anchors import AnchorEncoder
             anchors = AnchorEncoder.from_file(siglip, dtype=dtype, device=device,
                                               num_attention_heads=siglip_num_heads)
+        check_widths(model, text, anchors)
         return cls(model, vae_model, text, anchors, device=device, dtype=dtype, defaults=defaults)
 
     @classmethod
@@ -158,6 +160,8 @@ class SamaPipeline:
         """frames (F, H, W, 3) in [0, 1] -> (edited frames at the source size, the sampling result)."""
         settings = settings or EditSettings()
         options = options or self.sampler_options()
+        if settings.blank_frames is not None:
+            frames = blank(frames, *settings.blank_frames)
         source_h, source_w = frames.shape[1:3]
         area = settings.target_area or self.defaults.get("target_area", vio.REFERENCE_BUCKET_AREA)
         width, height = vio.resolve_size(source_w, source_h, settings.width, settings.height, area)
@@ -207,6 +211,30 @@ class SamaPipeline:
             else:
                 vio.write_video(comparison, side, fps)
         return EditResult(edited, fps, written, comparison)
+
+
+def check_widths(dit, text_encoder, anchor_encoder):
+    """The encoders must produce what the DiT was trained on; say which file does not fit."""
+    cfg = dit.config
+    if text_encoder.hidden_size != cfg.text_dim:
+        raise SamaInputError(f"the text encoder gives {text_encoder.hidden_size}-wide embeddings but the DiT "
+                             f"expects {cfg.text_dim} (UMT5-XXL: 4096): use the text encoder that belongs to "
+                             "this DiT")
+    if anchor_encoder is not None and anchor_encoder.width != cfg.siglip_dim:
+        raise SamaInputError(f"the SigLIP encoder gives {anchor_encoder.width}-wide tokens but the DiT's "
+                             f"semantic stream is {cfg.siglip_dim} wide (SAMA-14B: so400m, 1152)")
+
+
+def blank(frames: torch.Tensor, start: int, end: Optional[int]) -> torch.Tensor:
+    """Black out frames [start, end): the input of SAMA's cube-inpainting restoration."""
+    end = frames.shape[0] if end is None else end
+    if not 0 <= start < end <= frames.shape[0]:
+        raise SamaInputError(f"frames to blank {start}:{end} are outside the clip's 0:{frames.shape[0]}")
+    if start == 0:
+        raise SamaInputError("frame 0 cannot be blanked: SAMA's inpainting pretext always keeps the first frame")
+    out = frames.clone()
+    out[start:end] = 0.0
+    return out
 
 
 def _same_size(frames, like):

@@ -126,15 +126,17 @@ def options_from(pipe, args, **extra):
                                 window_latent_frames=window, **extra)
 
 
-def progress_bar(total_hint=None):
+def progress_bar():
+    """A tqdm bar created at the first finished step (so failures before sampling print no empty bar)."""
     from tqdm import tqdm
-    bar = tqdm(total=total_hint, unit="step", desc="editing")
+    state = {}
 
     def on_step(info):
-        bar.total = info.total
-        bar.update(1)
+        if "bar" not in state:
+            state["bar"] = tqdm(total=info.total, unit="step", desc="editing")
+        state["bar"].update(1)
         if info.step + 1 == info.total:
-            bar.close()
+            state["bar"].close()
     return on_step
 
 
