@@ -64,4 +64,45 @@ class SamaAnchorEncode(io.ComfyNode):
         return io.NodeOutput({"tokens": concat_anchors(pooled), "frames": list(chosen)})
 
 
-NODES = [SamaAnchorEncode]
+class SamaAnchorEncodeFile(io.ComfyNode):
+    """For SigLIP files ComfyUI's Load CLIP Vision cannot read (e.g. the bundled tiny model's small SigLIP)."""
+
+    _cache = {}
+
+    @classmethod
+    def define_schema(cls):
+        import folder_paths
+        return io.Schema(
+            node_id="SamaAnchorEncodeFile", display_name="SAMA Anchor Encode (file)", category="SAMA",
+            description="Like SAMA Anchor Encode, with the SigLIP encoder loaded from models/clip_vision by SAMA's "
+                        "own loader (any width, e.g. the bundled tiny model's).",
+            inputs=[
+                io.Combo.Input("siglip", options=folder_paths.get_filename_list("clip_vision"),
+                               tooltip="A SigLIP vision encoder .safetensors."),
+                io.Int.Input("num_heads", default=0, min=0, max=64,
+                             tooltip="Attention heads, only for unpublished widths (0 = infer)."),
+                io.Image.Input("images", tooltip="The anchor frame(s): an edited image, or video frames."),
+                io.Int.Input("num_anchors", default=1, min=1, max=16,
+                             tooltip="How many evenly spaced frames to use (1 = the first frame)."),
+                io.String.Input("frame_indices", default="", optional=True,
+                                tooltip="Or explicit frame numbers, e.g. '0, 40, 80'; overrides num_anchors."),
+            ],
+            outputs=[Anchors.Output(tooltip="65 tokens per anchor, for SAMA Sampler / SAMA In-Context.")],
+        )
+
+    @classmethod
+    def execute(cls, siglip, num_heads, images, num_anchors, frame_indices="") -> io.NodeOutput:
+        import folder_paths
+        from ..sama_core.anchors import AnchorEncoder
+        path = folder_paths.get_full_path_or_raise("clip_vision", siglip)
+        key = (path, num_heads)
+        if key not in cls._cache:
+            cls._cache.clear()
+            cls._cache[key] = AnchorEncoder.from_file(path, num_attention_heads=num_heads or None)
+        explicit = parse_frame_list(frame_indices)
+        chosen = choose_anchor_frames(images.shape[0], n=None if explicit else num_anchors, frames=explicit)
+        tokens = cls._cache[key].encode(images[..., :3], anchor_frames=chosen)
+        return io.NodeOutput({"tokens": tokens.float().cpu(), "frames": list(chosen)})
+
+
+NODES = [SamaAnchorEncode, SamaAnchorEncodeFile]
