@@ -42,8 +42,7 @@ class SamaTextEncode(io.ComfyNode):
     def execute(cls, clip, instruction, negative="", use_prefix=True) -> io.NodeOutput:
         pos = edit_prompt(instruction, prefix=use_prefix)
         neg = negative_prompt(negative or None, prefix=use_prefix)
-        encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))
-        return io.NodeOutput(encode(pos), encode(neg))
+        return io.NodeOutput(*(clip.encode_from_tokens_scheduled(clip.tokenize(text)) for text in (pos, neg)))
 
 
 class SamaTextEncodeFile(io.ComfyNode):

@@ -10,7 +10,7 @@ from sama_core.__main__ import main as cli
 from sama_core.bundle import write_tiny_random_bundle
 from sama_core.errors import SamaInputError, SamaInterrupted, SamaModelFileError
 from sama_core.loading import merge_lora
-from sama_core.pipeline import EditSettings, SamaPipeline, blank
+from sama_core.pipeline import SamaPipeline, blank
 from sama_core.sampler import SamplerOptions
 from sama_core.video import read_video, write_video
 from tiny_models import tiny_dit
@@ -139,8 +139,8 @@ def test_separate_files_instead_of_a_bundle(bundle, clip, tmp_path):
 def _lora(model, rank=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     layers = {"blocks.0.self_attn.q": model.blocks[0].self_attn.q, "blocks.1.ffn.0": model.blocks[1].ffn[0]}
-    return {name: (torch.randn(rank, l.in_features, generator=g), torch.randn(l.out_features, rank, generator=g))
-            for name, l in layers.items()}
+    return {name: (torch.randn(rank, layer.in_features, generator=g),
+                   torch.randn(layer.out_features, rank, generator=g)) for name, layer in layers.items()}
 
 
 @pytest.mark.parametrize("style", ["peft", "kohya"])

@@ -19,11 +19,10 @@ import safetensors.torch
 import torch
 from conftest import comfyui_dir
 from diffusers import AutoencoderKLWan
-from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
 from sama_core.errors import SamaFileNotFoundError, SamaInputError, SamaModelFileError
 from sama_core.vae import (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, VAETiling, WanVAE, denormalize_latents,
-                           load_wan_vae, normalize_latents, original_layout_key_names, to_original_layout)
+                           load_wan_vae, normalize_latents, to_original_layout)
 
 BASE_DIM = 8
 
