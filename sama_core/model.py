@@ -83,6 +83,8 @@ def modulate(x, shift, scale):
 
 
 class SelfAttention(nn.Module):
+    """q, k, v, o projections with RMSNorm on q and k; 3D RoPE on q and k."""
+
     def __init__(self, dim, num_heads, eps, attention, ops, **factory):
         super().__init__()
         self.num_heads = num_heads
@@ -93,34 +95,23 @@ class SelfAttention(nn.Module):
         self.o = ops.Linear(dim, dim, **factory)
         self.norm_q = RMSNorm(dim, eps, **factory)
         self.norm_k = RMSNorm(dim, eps, **factory)
+
+    def heads(self, x):
+        return x.view(x.shape[0], x.shape[1], self.num_heads, -1)  # (B, L, dim) -> (B, L, heads, hd)
 
     def forward(self, x, freqs):
-        b, seq, _ = x.shape
-        heads = (b, seq, self.num_heads, -1)
-        q = apply_rope(self.norm_q(self.q(x)).view(heads), freqs)  # (B, L, heads, hd)
-        k = apply_rope(self.norm_k(self.k(x)).view(heads), freqs)
-        v = self.v(x).view(heads)
-        return self.o(self.attention(q, k, v))  # (B, L, dim)
+        q = apply_rope(self.heads(self.norm_q(self.q(x))), freqs)  # (B, L, heads, hd)
+        k = apply_rope(self.heads(self.norm_k(self.k(x))), freqs)
+        return self.o(self.attention(q, k, self.heads(self.v(x))))  # (B, L, dim)
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, dim, num_heads, eps, attention, ops, **factory):
-        super().__init__()
-        self.num_heads = num_heads
-        self.attention = attention
-        self.q = ops.Linear(dim, dim, **factory)
-        self.k = ops.Linear(dim, dim, **factory)
-        self.v = ops.Linear(dim, dim, **factory)
-        self.o = ops.Linear(dim, dim, **factory)
-        self.norm_q = RMSNorm(dim, eps, **factory)
-        self.norm_k = RMSNorm(dim, eps, **factory)
+class CrossAttention(SelfAttention):
+    """The same projections attending from the video tokens to the 512 text rows, without RoPE."""
 
     def forward(self, x, context):
-        b = x.shape[0]
-        q = self.norm_q(self.q(x)).view(b, x.shape[1], self.num_heads, -1)
-        k = self.norm_k(self.k(context)).view(b, context.shape[1], self.num_heads, -1)
-        v = self.v(context).view(b, context.shape[1], self.num_heads, -1)
-        return self.o(self.attention(q, k, v))
+        q = self.heads(self.norm_q(self.q(x)))
+        k = self.heads(self.norm_k(self.k(context)))
+        return self.o(self.attention(q, k, self.heads(self.v(context))))
 
 
 class DiTBlock(nn.Module):
