@@ -32,6 +32,22 @@ def patch_sequence(output) -> torch.Tensor:
     return tokens
 
 
+def _frame_inputs():
+    return [
+        io.Image.Input("images", tooltip="The anchor frame(s): an edited image, or video frames."),
+        io.Int.Input("num_anchors", default=1, min=1, max=16,
+                     tooltip="How many evenly spaced frames to use (1 = the first frame)."),
+        io.String.Input("frame_indices", default="", optional=True,
+                        tooltip="Or explicit frame numbers, e.g. '0, 40, 80' (negative counts from the end); "
+                                "overrides num_anchors."),
+    ]
+
+
+def _chosen_frames(images, num_anchors, frame_indices):
+    explicit = parse_frame_list(frame_indices)
+    return choose_anchor_frames(images.shape[0], n=None if explicit else num_anchors, frames=explicit)
+
+
 class SamaAnchorEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -44,20 +60,14 @@ class SamaAnchorEncode(io.ComfyNode):
                 "the edit then follows that picture."),
             inputs=[
                 io.ClipVision.Input("clip_vision", tooltip="SigLIP so400m patch14 384 from Load CLIP Vision."),
-                io.Image.Input("images", tooltip="The anchor frame(s): an edited image, or video frames."),
-                io.Int.Input("num_anchors", default=1, min=1, max=16,
-                             tooltip="How many evenly spaced frames to use (1 = the first frame)."),
-                io.String.Input("frame_indices", default="", optional=True,
-                                tooltip="Or explicit frame numbers, e.g. '0, 40, 80' (negative counts from "
-                                        "the end); overrides num_anchors."),
+                *_frame_inputs(),
             ],
             outputs=[Anchors.Output(tooltip="65 tokens per anchor, for SAMA Sampler / SAMA In-Context.")],
         )
 
     @classmethod
     def execute(cls, clip_vision, images, num_anchors, frame_indices="") -> io.NodeOutput:
-        explicit = parse_frame_list(frame_indices)
-        chosen = choose_anchor_frames(images.shape[0], n=None if explicit else num_anchors, frames=explicit)
+        chosen = _chosen_frames(images, num_anchors, frame_indices)
         output = clip_vision.encode_image(images[chosen][..., :3], crop=True)
         tokens = patch_sequence(output).float().cpu()  # (N, P*P, D)
         pooled = pool_anchor_tokens(tokens, grid=math.isqrt(tokens.shape[1]))  # (N, 65, D)
@@ -81,11 +91,7 @@ class SamaAnchorEncodeFile(io.ComfyNode):
                                tooltip="A SigLIP vision encoder .safetensors."),
                 io.Int.Input("num_heads", default=0, min=0, max=64,
                              tooltip="Attention heads, only for unpublished widths (0 = infer)."),
-                io.Image.Input("images", tooltip="The anchor frame(s): an edited image, or video frames."),
-                io.Int.Input("num_anchors", default=1, min=1, max=16,
-                             tooltip="How many evenly spaced frames to use (1 = the first frame)."),
-                io.String.Input("frame_indices", default="", optional=True,
-                                tooltip="Or explicit frame numbers, e.g. '0, 40, 80'; overrides num_anchors."),
+                *_frame_inputs(),
             ],
             outputs=[Anchors.Output(tooltip="65 tokens per anchor, for SAMA Sampler / SAMA In-Context.")],
         )
@@ -99,8 +105,7 @@ class SamaAnchorEncodeFile(io.ComfyNode):
         if key not in cls._cache:
             cls._cache.clear()
             cls._cache[key] = AnchorEncoder.from_file(path, num_attention_heads=num_heads or None)
-        explicit = parse_frame_list(frame_indices)
-        chosen = choose_anchor_frames(images.shape[0], n=None if explicit else num_anchors, frames=explicit)
+        chosen = _chosen_frames(images, num_anchors, frame_indices)
         tokens = cls._cache[key].encode(images[..., :3], anchor_frames=chosen)
         return io.NodeOutput({"tokens": tokens.float().cpu(), "frames": list(chosen)})
 

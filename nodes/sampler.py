@@ -37,6 +37,15 @@ def _source_inputs():
     ]
 
 
+def _anchor_inputs():
+    return [
+        Anchors.Input("anchors", optional=True, tooltip="Semantic anchors of an edited frame (SAMA Anchor Encode)."),
+        io.Float.Input("anchor_strength", default=0.5, min=0.0, max=1.0, step=0.05, optional=True,
+                       tooltip="Fraction of the steps during which the anchors replace the semantic stream "
+                               "(0 = plain SAMA)."),
+    ]
+
+
 def encode_source(source_images=None, vae=None, source_latent=None) -> torch.Tensor:
     """The source as raw (un-normalised) Wan latents (1, 16, F, H/8, W/8), validated with clear errors."""
     if source_latent is not None:
@@ -102,11 +111,7 @@ class SamaSampler(io.ComfyNode):
                                        "source_scale*(c - no_source) + text_scale*(c - negative); cfg unused."),
                 io.Float.Input("text_scale", default=0.0, min=0.0, max=30.0, step=0.1, optional=True,
                                tooltip="Two-scale CFG text scale (see source_scale)."),
-                Anchors.Input("anchors", optional=True,
-                              tooltip="Semantic anchors of an edited frame (SAMA Anchor Encode)."),
-                io.Float.Input("anchor_strength", default=0.5, min=0.0, max=1.0, step=0.05, optional=True,
-                               tooltip="Fraction of the steps during which the anchors replace the semantic "
-                                       "stream (0 = plain SAMA)."),
+                *_anchor_inputs(),
                 io.Int.Input("window_frames", default=0, min=0, max=4097, optional=True,
                              tooltip="Long videos: edit in overlapping windows of this many frames (4k+1; "
                                      "0 = one window for the whole video)."),
@@ -176,9 +181,7 @@ class SamaInContext(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="From SAMA Text Encode."),
                 io.Conditioning.Input("negative", tooltip="From SAMA Text Encode."),
                 *_source_inputs(),
-                Anchors.Input("anchors", optional=True, tooltip="Semantic anchors of an edited frame."),
-                io.Float.Input("anchor_strength", default=0.5, min=0.0, max=1.0, step=0.05, optional=True,
-                               tooltip="Fraction of the schedule during which the anchors steer the semantics."),
+                *_anchor_inputs(),
                 io.Float.Input("shift", default=SAMA_SHIFT, min=0.1, max=20.0, step=0.1, optional=True,
                                tooltip="The sampling shift in use (to place anchor_strength on the schedule)."),
             ],
