@@ -2,6 +2,7 @@
 
 from comfy_api.latest import io
 
+from ..sama_core.pretext import blank_frames
 from .convert import frames_to_4k_plus_1, trim_frames
 
 CATEGORY = "SAMA/frames"
@@ -67,4 +68,28 @@ class SamaTrimFrames(io.ComfyNode):
         return io.NodeOutput(trim_frames(images, count))
 
 
-NODES = [SamaFramesTo4kPlus1, SamaTrimFrames]
+class SamaBlankFrames(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SamaBlankFrames",
+            display_name="SAMA Blank Frames",
+            category=CATEGORY,
+            description=(
+                "Blacks out frames start..end-1 (e.g. damaged or unwanted frames). Edit the result with SAMA "
+                "Text Encode's task 'cube' and a SAMA model regenerates them from the surrounding motion, as in "
+                "its cube-inpainting pre-training. Frame 0 must stay."),
+            inputs=[
+                io.Image.Input("images", tooltip="The video frames."),
+                io.Int.Input("start", default=1, min=1, max=MAX_FRAMES, tooltip="First frame to blank (>= 1)."),
+                io.Int.Input("end", default=2, min=2, max=MAX_FRAMES, tooltip="One past the last frame to blank."),
+            ],
+            outputs=[io.Image.Output("blanked_images", display_name="images", tooltip="Frames with the span black.")],
+        )
+
+    @classmethod
+    def execute(cls, images, start, end) -> io.NodeOutput:
+        return io.NodeOutput(blank_frames(images, start, end))
+
+
+NODES = [SamaFramesTo4kPlus1, SamaTrimFrames, SamaBlankFrames]

@@ -3,9 +3,11 @@
 import folder_paths
 from comfy_api.latest import io
 
+from ..sama_core.pretext import CUBE, SPEED, TUBE, with_task_token
 from ..sama_core.prompts import edit_prompt, negative_prompt
 
 CATEGORY = "SAMA"
+EDIT = "edit"
 PROMPT_RULES = ("The instruction gets SAMA's \"[Video edit] \" prefix and the negative defaults to "
                 "\"[Video edit]\", exactly as the released SAMA inference (turn 'use_prefix' off for "
                 "pretext/restore task tokens or experiments).")
@@ -19,7 +21,18 @@ def _inputs_common():
                         tooltip="Optional negative prompt; empty = SAMA's default \"[Video edit]\"."),
         io.Boolean.Input("use_prefix", default=True, optional=True,
                          tooltip="Prepend \"[Video edit] \" to the instruction (SAMA was trained with it)."),
+        io.Combo.Input("task", options=[EDIT, CUBE, SPEED, TUBE], default=EDIT, optional=True,
+                       tooltip="edit = an instruction edit. cube / speed / tube = restore a motion pretext "
+                               "(fill black frames, normal speed, unshuffle): the instruction becomes SAMA's "
+                               "task token (+ the text as a caption) and no prefix is added."),
     ]
+
+
+def prompts_for(instruction, negative, use_prefix, task):
+    """(positive text, negative text) for an edit or a pretext-restoration task."""
+    if task != EDIT:
+        return with_task_token(task, instruction), negative_prompt(negative or None, prefix=False)
+    return edit_prompt(instruction, prefix=use_prefix), negative_prompt(negative or None, prefix=use_prefix)
 
 
 _OUTPUTS = [
@@ -39,9 +52,8 @@ class SamaTextEncode(io.ComfyNode):
             outputs=_OUTPUTS)
 
     @classmethod
-    def execute(cls, clip, instruction, negative="", use_prefix=True) -> io.NodeOutput:
-        pos = edit_prompt(instruction, prefix=use_prefix)
-        neg = negative_prompt(negative or None, prefix=use_prefix)
+    def execute(cls, clip, instruction, negative="", use_prefix=True, task=EDIT) -> io.NodeOutput:
+        pos, neg = prompts_for(instruction, negative, use_prefix, task)
         return io.NodeOutput(*(clip.encode_from_tokens_scheduled(clip.tokenize(text)) for text in (pos, neg)))
 
 
@@ -63,14 +75,15 @@ class SamaTextEncodeFile(io.ComfyNode):
             outputs=_OUTPUTS)
 
     @classmethod
-    def execute(cls, text_encoder, instruction, negative="", use_prefix=True) -> io.NodeOutput:
+    def execute(cls, text_encoder, instruction, negative="", use_prefix=True, task=EDIT) -> io.NodeOutput:
         from ..sama_core.text import load_text_encoder
         path = folder_paths.get_full_path_or_raise("text_encoders", text_encoder)
         if path not in cls._cache:
             cls._cache.clear()  # keep at most one encoder resident
             cls._cache[path] = load_text_encoder(path, dtype="fp32")
-        cond, uncond = cls._cache[path].encode_edit(instruction, negative=negative or None, prefix=use_prefix)
-        return io.NodeOutput([[cond.float().cpu(), {}]], [[uncond.float().cpu(), {}]])
+        pos, neg = prompts_for(instruction, negative, use_prefix, task)
+        both = cls._cache[path].encode([pos, neg]).float().cpu()  # texts already follow SAMA's rules
+        return io.NodeOutput([[both[0:1], {}]], [[both[1:2], {}]])
 
 
 NODES = [SamaTextEncode, SamaTextEncodeFile]

@@ -23,6 +23,7 @@ import torch
 from .bundle import BUNDLE_FILE
 from .errors import SamaFileNotFoundError, SamaInputError
 from .loading import load_dit, merge_lora
+from .pretext import blank_frames
 from .sampler import SampleResult, SamplerOptions, StepInfo, sample
 from .text import load_text_encoder
 from .vae import WanVAE
@@ -161,7 +162,7 @@ class SamaPipeline:
         settings = settings or EditSettings()
         options = options or self.sampler_options()
         if settings.blank_frames is not None:
-            frames = blank(frames, *settings.blank_frames)
+            frames = blank_frames(frames, *settings.blank_frames)
         source_h, source_w = frames.shape[1:3]
         area = settings.target_area or self.defaults.get("target_area", vio.REFERENCE_BUCKET_AREA)
         width, height = vio.resolve_size(source_w, source_h, settings.width, settings.height, area)
@@ -223,18 +224,6 @@ def check_widths(dit, text_encoder, anchor_encoder):
     if anchor_encoder is not None and anchor_encoder.width != cfg.siglip_dim:
         raise SamaInputError(f"the SigLIP encoder gives {anchor_encoder.width}-wide tokens but the DiT's "
                              f"semantic stream is {cfg.siglip_dim} wide (SAMA-14B: so400m, 1152)")
-
-
-def blank(frames: torch.Tensor, start: int, end: Optional[int]) -> torch.Tensor:
-    """Black out frames [start, end): the input of SAMA's cube-inpainting restoration."""
-    end = frames.shape[0] if end is None else end
-    if not 0 <= start < end <= frames.shape[0]:
-        raise SamaInputError(f"frames to blank {start}:{end} are outside the clip's 0:{frames.shape[0]}")
-    if start == 0:
-        raise SamaInputError("frame 0 cannot be blanked: SAMA's inpainting pretext always keeps the first frame")
-    out = frames.clone()
-    out[start:end] = 0.0
-    return out
 
 
 def _same_size(frames, like):

@@ -537,3 +537,15 @@ def apply_pretext(name: str, frames: torch.Tensor, generator: torch.Generator, *
                                                  input_shape=tuple(frames.shape)))
     return _PRETEXT_FUNCTIONS[name](frames, generator, **options)
 
+
+def blank_frames(frames: torch.Tensor, start: int, end: int | None, fill: float = BLACK_UNIT) -> torch.Tensor:
+    """Black out frames [start, end) of (F, ...) frames: the input of SAMA's cube-inpainting restoration
+    (a model trained on the cube pretext regenerates them). Frame 0 always stays, as in training."""
+    end = frames.shape[0] if end is None else end
+    if not 0 <= start < end <= frames.shape[0]:
+        raise SamaInputError(f"frames to blank {start}:{end} are outside the clip's 0:{frames.shape[0]}")
+    if start == 0:
+        raise SamaInputError("frame 0 cannot be blanked: SAMA's inpainting pretext always keeps the first frame")
+    out = frames.clone()
+    out[start:end] = fill
+    return out

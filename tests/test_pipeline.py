@@ -10,7 +10,8 @@ from sama_core.__main__ import main as cli
 from sama_core.bundle import write_tiny_random_bundle
 from sama_core.errors import SamaInputError, SamaInterrupted, SamaModelFileError
 from sama_core.loading import merge_lora
-from sama_core.pipeline import SamaPipeline, blank
+from sama_core.pipeline import SamaPipeline
+from sama_core.pretext import blank_frames
 from sama_core.sampler import SamplerOptions
 from sama_core.video import read_video, write_video
 from tiny_models import tiny_dit
@@ -94,12 +95,12 @@ def test_interrupt_leaves_no_output_file(pipe, clip, tmp_path):
 
 def test_blank_frames_for_restoration():
     frames = torch.rand(9, 8, 8, 3)
-    out = blank(frames, 3, 6)
+    out = blank_frames(frames, 3, 6)
     assert torch.count_nonzero(out[3:6]) == 0 and torch.equal(out[:3], frames[:3]) and torch.equal(out[6:], frames[6:])
     with pytest.raises(SamaInputError, match="frame 0 cannot be blanked"):
-        blank(frames, 0, 2)
+        blank_frames(frames, 0, 2)
     with pytest.raises(SamaInputError, match="outside the clip"):
-        blank(frames, 5, 12)
+        blank_frames(frames, 5, 12)
 
 
 def test_cli_restore_uses_the_task_token(bundle, clip, tmp_path, monkeypatch):
