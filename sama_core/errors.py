@@ -24,3 +24,7 @@ class SamaFileNotFoundError(SamaError, FileNotFoundError):
 
 class SamaInterrupted(SamaError):
     """Sampling or training was interrupted cooperatively; nothing was half-written."""
+
+
+class SamaNumericalError(SamaError, RuntimeError):
+    """The computation produced NaN/inf (e.g. fp16 overflow or broken weights)."""

@@ -76,6 +76,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SamaInputError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SamaInputError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU (a CPU-only build, or "
+                                 "no driver); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SamaInputError(f"device {device} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    return device
+
+
 class SamaPipeline:
     def __init__(self, dit, vae: WanVAE, text_encoder, anchor_encoder=None, device="cpu", dtype=torch.float32,
                  defaults: Optional[dict] = None):
@@ -90,7 +104,7 @@ class SamaPipeline:
                    dtype="fp32",
                    attention_backend="auto", loras: Sequence[tuple] = (), offload: bool = False,
                    vae_tiling: bool = False, defaults: Optional[dict] = None) -> "SamaPipeline":
-        device = device or default_device()
+        device = str(check_device(device or default_device()))
         dtype = resolve_dtype(dtype)
         model = load_dit(dit, dtype=dtype, attention_backend=attention_backend)
         for path, strength in loras:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import SamaInputError, SamaInterrupted
+from .errors import SamaInputError, SamaInterrupted, SamaNumericalError
 from .model import TEXT_LEN, fit_text_rows
 from .scheduler import add_noise, flow_sigmas, make_solver, predicted_clean, timesteps_of
 
@@ -72,6 +72,13 @@ class SampleResult:
     latents: torch.Tensor                  # (B, 16, F, H, W) normalised clean latents
     semantic: Optional[torch.Tensor]       # (B, N, siglip_dim) final semantic tokens
     stats: dict = dataclasses.field(default_factory=dict)  # e.g. model calls, steps served by the cache
+
+
+def check_finite(**tensors):
+    """NaN/inf in an input poisons every step: refuse it up front, naming the input."""
+    for name, t in tensors.items():
+        if t is not None and not torch.isfinite(t).all():
+            raise SamaInputError(f"{name} contains NaN or infinite values: check the file or node that produced it")
 
 
 def initial_noise(shape, semantic_shape, seed: int, dtype=torch.float32):
@@ -190,6 +197,8 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
     denoiser_wrapper(denoise) -> denoise: a seam for step caches and long-video windows.
     """
     opts = options or SamplerOptions()
+    check_finite(source_latents=source, text_embedding=cond, negative_text_embedding=uncond,
+                 anchor_tokens=anchor_tokens)
     model_has_sama = getattr(model, "config", None) is None or model.config.has_sama
     if target_shape is None:
         if source is None:
@@ -244,6 +253,10 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
         v, v_sem = denoise(x, sem, sigma)
         if injecting:
             v_sem = anchor_velocity(sem, anchor_tokens.to(sem), sigma)
+        if not torch.isfinite(v).all():
+            raise SamaNumericalError(
+                f"the model produced NaN/inf at step {i + 1}/{opts.steps} (sigma {float(sigma):.3f}): fp16 can "
+                "overflow in this model, use bf16 or fp32; otherwise the weights may be damaged")
         denoised = predicted_clean(x, v, sigma)
         x = video_solver.step(x, v, i)
         if sem is not None:

@@ -234,3 +234,21 @@ def test_anchor_step_count_and_sigma_cut_agree(steps, strength):
     sigmas = flow_sigmas(steps)[:-1]
     by_sigma = int((sigmas > anchor_sigma_cut(strength, 5.0)).sum())
     assert by_sigma == math.ceil(strength * steps - 1e-9)
+
+
+def test_non_finite_inputs_and_outputs_are_reported(setup):
+    from sama_core.errors import SamaNumericalError
+    model, inp, uncond = setup
+    bad = inp["source"].clone()
+    bad[0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(SamaInputError, match="source_latents contains NaN"):
+        sample(model, inp["context"], uncond, source=bad, options=SamplerOptions(steps=1))
+    with pytest.raises(SamaInputError, match="negative_text_embedding contains NaN"):
+        sample(model, inp["context"], uncond * float("inf"), source=inp["source"], options=SamplerOptions(steps=1))
+
+    class Exploding(Recorder):
+        def forward(self, *a, **k):
+            out = super().forward(*a, **k)
+            return type(out)(out.video * float("inf"), out.semantic)
+    with pytest.raises(SamaNumericalError, match="NaN/inf at step 1/2.*bf16"):
+        sample(Exploding(model), inp["context"], uncond, source=inp["source"], options=SamplerOptions(steps=2))
