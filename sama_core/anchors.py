@@ -35,6 +35,7 @@ torch's default 1e-5, which changes outputs by ~2e-5 — pass `layer_norm_eps=1e
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import identify_checkpoint, read_state_dict
 from .errors import SamaFileNotFoundError, SamaInputError, SamaModelFileError
 
 log = logging.getLogger(__name__)
@@ -213,21 +215,13 @@ def preprocess_for_siglip(images: torch.Tensor, image_size: int, crop: bool = Fa
 # ------------------------------------------------------------------------------------------------ loading
 
 def _describe_other_model(keys: list[str]) -> str:
-    def has(pattern: str) -> bool:
-        rx = re.compile(pattern)
-        return any(rx.search(k) for k in keys)
-
-    if has(r"(^|\.)embeddings\.class_embedding$|(^|\.)pre_layrnorm\.|^visual\.|transformer\.resblocks\."):
-        return "an OpenAI-CLIP-style vision encoder (class token), not SigLIP"
-    if has(r"siglip_feat_mlp"):
-        return "SAMA DiT weights"
-    if has(r"(^|\.)blocks\.\d+\.(self_attn|cross_attn|attn1)\.|diffusion_model\."):
-        return "a Wan DiT / diffusion model"
-    if has(r"decoder\.head\.0\.gamma|encoder\.downsamples\.|decoder\.conv_in\."):
-        return "a Wan VAE"
-    if has(r"^shared\.weight$|(^|\.)block\.\d+\.layer\.\d+\.|^token_embedding\.weight$"):
-        return "a T5/UMT5 text encoder"
-    return "an unrecognised model"
+    """What a file given as the SigLIP encoder looks like instead."""
+    kind = identify_checkpoint(keys)
+    if kind is None:
+        return "an unrecognised model"
+    if kind.name == "vision":  # a vision tower's names, but not SigLIP's patch embedding
+        return "an incomplete or unknown vision encoder (no embeddings.patch_embedding.weight)"
+    return kind.what
 
 
 def _vision_key(key: str) -> str | None:
@@ -245,25 +239,19 @@ def _check_siglip_keys(keys: list[str], path: Path) -> None:
     if "embeddings.patch_embedding.weight" not in vision or "embeddings.class_embedding" in vision:
         raise SamaModelFileError(
             f"{path} was given as the SigLIP vision encoder, but it looks like "
-            f"{_describe_other_model(sorted(k for k in vision if k))}. Expected SigLIP so400m patch14 384, "
+            f"{_describe_other_model(keys)}. Expected SigLIP so400m patch14 384, "
             f"e.g. ComfyUI's sigclip_vision_patch14_384.safetensors.")
 
 
 def _read_vision_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The vision-tower tensors of a single safetensors file, under SiglipVisionModel key names."""
-    from safetensors import SafetensorError, safe_open
-
     if path.suffix.lower() != ".safetensors":
         raise SamaModelFileError(f"{path}: SigLIP single files are read as .safetensors only; convert it, or "
                                  f"give the transformers folder.")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-            _check_siglip_keys(keys, path)  # on names alone: a wrong (maybe huge) file is refused unread
-            return {_vision_key(k): f.get_tensor(k) for k in keys if _vision_key(k)}
-    except (SafetensorError, OSError) as e:
-        raise SamaModelFileError(f"{path} is not a readable safetensors file ({e}); download it again."
-                                 ) from e
+    # On names alone first: a wrong (maybe huge) file is refused unread; unused tensors are never read.
+    check = functools.partial(_check_siglip_keys, path=path)
+    tensors, _ = read_state_dict(path, check_keys=check, rename=_vision_key)
+    return tensors
 
 
 def infer_siglip_config(sd: dict[str, torch.Tensor], num_attention_heads: int | None = None,

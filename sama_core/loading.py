@@ -15,6 +15,7 @@ The model is built on the meta device and the tensors are assigned, so peak memo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -24,12 +25,16 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from .checkpoints import identify_checkpoint, read_state_dict
 from .config import SAMA_KEY_PREFIXES, SamaConfig, infer_config
 from .errors import SamaFileNotFoundError, SamaModelFileError
 
 log = logging.getLogger(__name__)
 
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+# Top-level modules of an official-name Wan DiT (with SAMA_KEY_PREFIXES: what makes a file a DiT file).
+_DIT_KEY_PREFIXES = ("blocks.", "head.", "patch_embedding.", "text_embedding.", "time_embedding.",
+                     "time_projection.")
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 # diffusers WanTransformer3DModel name -> official Wan name (first matching rule wins).
@@ -53,17 +58,13 @@ _DIFFUSERS_RULES = [
     (r"^scale_shift_table$", "head.modulation"),
 ]
 
-# Key signatures of other model kinds, to say what a wrong file looks like.
-_OTHER_KINDS = [
-    (r"(^|\.)decoder\.head\.0\.gamma$|^decoder\.conv_in\.|(^|\.)encoder\.downsamples\.", "a Wan VAE"),
-    (r"^(encoder\.)?block\.0\.layer\.0\.SelfAttention|^shared\.weight$|^token_embedding\.weight$",
-     "a T5/UMT5 text encoder"),
-    (r"(^|\.)vision_model\.|^embeddings\.patch_embedding\.|^visual\.", "a CLIP/SigLIP vision encoder"),
-    (r"(^|\.)input_blocks\.\d+\.|(^|\.)down_blocks\.\d+\.", "a Stable Diffusion UNet"),
-    (r"^double_blocks\.|^single_blocks\.", "a Flux model"),
-    (r"lora_(A|B|down|up)\.|\.lora\.|\.alpha$", "a LoRA (load it as a LoRA, not as the DiT)"),
-    (r"^vace_blocks\.", "a Wan VACE model"),
-]
+# The DiT loader's advice for some kinds of wrong file (checkpoints.identify_checkpoint names them).
+_ADVICE_FOR_KIND = {
+    "lora": " (load it as a LoRA, not as the DiT)",
+    "wan_i2v": " (SAMA is built on the T2V model)",
+}
+# Kinds named from DiT-like key names: never the right word for a file with no Wan DiT name at all.
+_DIT_KINDS = ("wan_dit", "sama_dit")
 
 
 @dataclasses.dataclass
@@ -117,35 +118,6 @@ def _shards_of_index(index: Path) -> list[Path]:
     return shards
 
 
-def read_file(path: Path) -> tuple[dict, dict]:
-    """(tensors, safetensors metadata) of one file, with a clear error for a corrupt or unsafe file."""
-    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        return _read_pickle(path), {}
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, metadata
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise SamaModelFileError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
-                                 "corrupt: download it again") from e
-
-
-def _read_pickle(path: Path) -> dict:
-    import pickle
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
-        raise SamaModelFileError(
-            f"refused to load {path}: it is not a plain tensor checkpoint that loads with weights_only=True "
-            f"(it may contain code, or be truncated). Convert it to safetensors from a trusted source. ({e})") from e
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SamaModelFileError(f"{path} does not hold a flat state dict of tensors")
-    return dict(obj)
-
-
 # ---------------------------------------------------------------------------------------------- conversion
 
 def strip_prefix(sd: dict) -> tuple[dict, str | None]:
@@ -186,19 +158,32 @@ def dequantize_scaled_fp8(sd: dict, dtype: torch.dtype) -> dict:
     return out
 
 
-def describe_other_kind(keys: Iterable[str]) -> str | None:
-    keys = list(keys)
-    for pattern, what in _OTHER_KINDS:
-        rx = re.compile(pattern)
-        if sum(1 for k in keys if rx.search(k)) >= 1:
-            return what
-    if any(k.startswith("img_emb.") or ".k_img." in k for k in keys):
-        return "a Wan2.1 image-to-video DiT (SAMA is built on the T2V model)"
-    return None
+def _official_key_names(keys: Iterable[str]) -> list[str]:
+    """The names keys get in to_official (prefix stripped, diffusers names mapped), from names alone."""
+    names, _ = strip_prefix(dict.fromkeys(keys))
+    if is_diffusers_layout(names):
+        names = diffusers_to_official(names)
+    return list(names)
 
 
-def to_official(sd: dict, file: Path, dtype: torch.dtype | None) -> tuple[dict, list[str]]:
-    """One file's tensors -> official names and the target dtype; returns the format tags it showed."""
+def _refuse_if_not_dit_keys(keys: list[str], file: Path) -> None:
+    """Refuse, on key names alone (before any tensor is read), a file with no Wan DiT / SAMA tensor."""
+    if not keys:
+        raise SamaModelFileError(f"{file} holds no tensors")
+    if any(k.startswith(_DIT_KEY_PREFIXES + SAMA_KEY_PREFIXES) for k in _official_key_names(keys)):
+        return
+    kind = identify_checkpoint(keys)
+    if kind is None or kind.name in _DIT_KINDS:
+        what = "none of its tensors has a Wan DiT name"
+    else:
+        what = f"it looks like {kind.what}{_ADVICE_FOR_KIND.get(kind.name, '')}"
+    raise SamaModelFileError(f"{file} is not a Wan2.1/SAMA DiT file: {what}. Give the DiT "
+                             "(models/diffusion_models) file here.")
+
+
+def to_official(sd: dict, dtype: torch.dtype | None) -> tuple[dict, list[str]]:
+    """One file's tensors -> official names and the target dtype; returns the format tags it showed.
+    (Files without DiT tensors were refused on their key names by _refuse_if_not_dit_keys.)"""
     tags = []
     sd, prefix = strip_prefix(sd)
     if prefix:
@@ -215,14 +200,6 @@ def to_official(sd: dict, file: Path, dtype: torch.dtype | None) -> tuple[dict, 
         sd = {k: v.to(target) if v.dtype in FP8_DTYPES else v for k, v in sd.items()}
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    known = sum(1 for k in sd if k.startswith(("blocks.", "head.", "patch_embedding.", "text_embedding.",
-                                               "time_embedding.", "time_projection.")) or
-                k.startswith(SAMA_KEY_PREFIXES))
-    if known == 0:
-        other = describe_other_kind(sd)
-        what = f"it looks like {other}" if other else "none of its tensors has a Wan DiT name"
-        raise SamaModelFileError(f"{file} is not a Wan2.1/SAMA DiT file: {what}. Give the DiT "
-                                 "(models/diffusion_models) file here.")
     return sd, tags
 
 
@@ -231,10 +208,10 @@ def read_weights(paths, dtype: torch.dtype | None = None) -> LoadedWeights:
     files = expand_paths(paths)
     merged, formats, meta_config = {}, [], None
     for file in files:
-        tensors, metadata = read_file(file)
-        if not tensors:
-            raise SamaModelFileError(f"{file} holds no tensors")
-        sd, tags = to_official(tensors, file, dtype)
+        # The key names are checked before any tensor is read: a wrong (maybe huge) file is refused unread.
+        check = functools.partial(_refuse_if_not_dit_keys, file=file)
+        tensors, metadata = read_state_dict(file, check_keys=check)
+        sd, tags = to_official(tensors, dtype)
         if "sama_config" in metadata:
             meta_config = json.loads(metadata["sama_config"])
         dtypes = sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()})
@@ -410,7 +387,7 @@ def merge_lora(model, path, strength: float = 1.0) -> int:
     matrix product, while peft would need its adapter config and wrapper modules around every layer.
     Returns the number of layers changed; unknown layer names are an error (a LoRA for another model).
     """
-    tensors, _ = read_file(Path(path))
+    tensors, _ = read_state_dict(path)
     groups = _lora_groups(tensors)
     if not groups:
         raise SamaModelFileError(f"{path} holds no LoRA tensors (lora_A/lora_B or lora_down/lora_up)")

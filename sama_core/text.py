@@ -29,13 +29,13 @@ import collections
 import json
 import logging
 import pathlib
-import pickle
 import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, CheckpointFile, identify_checkpoint
 from .errors import SamaFileNotFoundError, SamaInputError, SamaModelFileError
 from .prompts import clean_prompt, edit_prompt, negative_prompt
 
@@ -65,9 +65,6 @@ _FLOAT8_DTYPES = tuple(
     getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
     if hasattr(torch, name)
 )
-
-_SAFETENSORS_SUFFIXES = (".safetensors",)
-_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,132 +127,52 @@ class _CheckpointReader:
 
     def __init__(self, paths: Sequence[pathlib.Path]):
         self.paths = list(paths)
-        self._handles = []  # open safetensors files
-        self._where: dict[str, Callable[[], torch.Tensor]] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._file_of: dict[str, CheckpointFile] = {}  # kept open: tensors are read while the model is built
         for path in self.paths:
-            if path.name.endswith(_SAFETENSORS_SUFFIXES):
-                self._add_safetensors(path)
-            elif path.name.endswith(_PICKLE_SUFFIXES):
-                self._add_pickle(path)
-            else:
+            if not path.name.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
                 raise SamaModelFileError(
                     f"Text encoder file {path} has an unknown format ({path.suffix!r}). "
                     "Give a .safetensors file (ComfyUI/Hugging Face) or Wan's .pth file."
                 )
-
-    def _add_safetensors(self, path: pathlib.Path) -> None:
-        from safetensors import safe_open
-
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as error:  # safetensors raises its own error types for corrupt headers
-            raise SamaModelFileError(
-                f"Text encoder file {path} is not a readable safetensors file ({error}). "
-                "Re-download it or check that the download finished."
-            ) from None
-        self._handles.append(handle)
-        for key in handle.keys():
-            self._shapes[key] = tuple(handle.get_slice(key).get_shape())
-            self._where[key] = lambda key=key, handle=handle: handle.get_tensor(key)
-
-    def _add_pickle(self, path: pathlib.Path) -> None:
-        state_dict = load_pickle_state_dict(path)
-        for key, tensor in state_dict.items():
-            if isinstance(tensor, torch.Tensor):
-                self._shapes[key] = tuple(tensor.shape)
-                self._where[key] = lambda tensor=tensor: tensor
+            checkpoint = CheckpointFile(path)
+            for key in checkpoint.keys():
+                self._file_of[key] = checkpoint
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._file_of)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._where
+        return key in self._file_of
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
+        return self._file_of[key].shape(key)
 
     def tensor(self, key: str) -> torch.Tensor:
-        return self._where[key]()
-
-
-def load_pickle_state_dict(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
-    """A .pth/.bin state dict through ``torch.load(weights_only=True)`` (no code runs), memory-mapped."""
-    path = pathlib.Path(path)
-    try:
-        try:
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):  # only legacy (non-zip) files cannot be memory-mapped
-                raise
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights only" not in str(error).lower():  # not a refusal: the file is not a pickle at all
-            raise SamaModelFileError(
-                f"Could not read {path} as a PyTorch weight file ({str(error).splitlines()[0]}). "
-                "Check that the download finished, or use a .safetensors version."
-            ) from None
-        raise SamaModelFileError(
-            f"Refused to load {path}: it contains Python objects other than tensors, and loading them "
-            f"could run code from the file ({str(error).splitlines()[0]}). Only plain weight files are "
-            "loaded (torch.load with weights_only=True); use a .safetensors version of this model."
-        ) from None
-    except Exception as error:
-        raise SamaModelFileError(
-            f"Could not read {path} as a PyTorch weight file ({type(error).__name__}: {error}). "
-            "Check that the download finished, or use a .safetensors version."
-        ) from None
-    # Some trainers wrap the weights: {"state_dict": {...}} or {"model": {...}}.
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(loaded, dict) and set(loaded) == {wrapper} and isinstance(loaded[wrapper], dict):
-            loaded = loaded[wrapper]
-    if not isinstance(loaded, dict):
-        raise SamaModelFileError(
-            f"{path} holds a {type(loaded).__name__}, not a state dict of named tensors."
-        )
-    return loaded
+        return self._file_of[key].tensor(key)
 
 
 # ----------------------------------------------------------------------------------------------
 # What kind of file is it?
 # ----------------------------------------------------------------------------------------------
 
-def describe_foreign_checkpoint(keys: Sequence[str]) -> str:
-    """A short guess of what a non-UMT5 checkpoint is, from its key names (for error messages)."""
-    keys = list(keys)
-    joined = "\n".join(keys)
+# Kinds a damaged or partial UMT5 file can look like: naming them would only confuse.
+_UMT5_LOOKALIKES = ("umt5", "wan_umt5", "t5")
 
-    def has(pattern: str) -> bool:
-        return re.search(pattern, joined, flags=re.MULTILINE) is not None
 
-    if has(r"siglip_feat_mlp|segment_embedding"):
-        return "a SAMA video diffusion model (DiT)"
-    if has(r"(^|\.)(patch_embedding|blocks\.0\.self_attn|blocks\.0\.cross_attn|head\.modulation)"):
-        return "a Wan video diffusion model (DiT)"
-    if has(r"lora_(A|B|up|down)|\.alpha$"):
-        return "a LoRA"
-    if has(r"(^|\.)(decoder\.head\.0\.gamma|encoder\.conv1\.|decoder\.conv_in\.|quant_conv|post_quant_conv)"):
-        return "a VAE"
-    if has(r"(^|\.)(vision_model\.|visual\.|embeddings\.patch_embedding)"):
-        return "an image encoder (CLIP/SigLIP vision)"
-    if has(r"(^|\.)text_model\."):
-        return "a CLIP text encoder"
-    if has(r"(^|\.)model\.layers\.0\.self_attn"):
-        return "a language model (Llama/Qwen-style)"
-    if has(r"encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias") and not has(
-        r"encoder\.block\.1\.layer\.0\.SelfAttention\.relative_attention_bias"
-    ):
-        return ("a T5 / mT5 text encoder (one shared position bias, e.g. Flux/SD3's t5xxl), "
-                "not UMT5 (a position bias in every layer)")
-    if has(r"^pos_embedding\.embedding\.weight$"):
-        return "a T5 encoder in Wan's layout with a shared position bias, not UMT5"
-    preview = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
-    return f"not a recognised model (first keys: {preview or 'none'})"
+def _looks_like(keys: Sequence[str]) -> str:
+    """What a file given as the text encoder looks like instead; another role is named first."""
+    kind = identify_checkpoint(keys)
+    if kind is None or kind.name in _UMT5_LOOKALIKES:
+        preview = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+        return f"not a recognised model (first keys: {preview or 'none'})"
+    if kind.family in ("a text encoder", kind.what):
+        return kind.what
+    return f"{kind.family}: {kind.what}"
 
 
 def _wrong_kind_error(path: pathlib.Path, keys: Sequence[str]) -> SamaModelFileError:
     return SamaModelFileError(
-        f"{path} is not a UMT5-XXL text encoder: it looks like {describe_foreign_checkpoint(keys)}. "
+        f"{path} is not a UMT5-XXL text encoder: it looks like {_looks_like(list(keys))}. "
         "Give the UMT5 encoder instead: ComfyUI's umt5_xxl_*.safetensors (models/text_encoders), "
         "Wan's models_t5_umt5-xxl-enc-bf16.pth, or a Hugging Face umt5-xxl folder."
     )

@@ -21,6 +21,7 @@ Encoding returns the posterior mean (no sampling), as ComfyUI and the Wan refere
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from typing import Mapping
 
 import torch
 
+from .checkpoints import identify_checkpoint, read_state_dict
 from .errors import SamaFileNotFoundError, SamaInputError, SamaModelFileError
 
 log = logging.getLogger(__name__)
@@ -56,9 +58,6 @@ _SUPPORTED_DIM_MULT = [1, 2, 4, 4]
 
 # Frames outside this range are not [-1, 1] video (e.g. [0, 255]); a little overshoot from resampling is fine.
 _FRAME_RANGE_TOLERANCE = 0.05
-
-_PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
-
 
 # ----------------------------------------------------------------------------------------- normalisation
 
@@ -177,73 +176,30 @@ class VAETiling:
                 f"size.")
 
 
-# ------------------------------------------------------------------------------------------ file reading
+# ------------------------------------------------------------------------------------------ file checking
 
-def _read_single_file(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a single-file checkpoint (safetensors, or a weights-only pickle)."""
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        return _read_pickle(path)
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-            # Decide on the key names alone first, so a 28 GB DiT given as the VAE is refused unread.
-            _refuse_if_not_wan21_vae_keys(keys, path)
-            return {k: f.get_tensor(k) for k in keys}
-    except (SafetensorError, OSError) as e:
-        raise SamaModelFileError(
-            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: download it "
-            f"again.") from e
-
-
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    import pickle
-
-    try:
-        try:
-            # weights_only: never run code from a checkpoint. mmap keeps big files out of RAM until used.
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
-        raise SamaModelFileError(
-            f"refused to load {path}: it is not a plain tensor checkpoint that loads with weights_only=True "
-            f"(it may contain code, or be truncated). Use a safetensors copy from a trusted source. ({e})"
-        ) from e
-    for wrapper in ("state_dict", "model", "vae"):  # some trainers nest the weights one level down
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SamaModelFileError(f"{path} does not hold a flat dictionary of tensors: not a VAE checkpoint")
-    _refuse_if_not_wan21_vae_keys(list(obj.keys()), path)
-    return dict(obj)
+# This loader's advice for other kinds of file (checkpoints.identify_checkpoint names them).
+_ADVICE_FOR_KIND = {"sama_dit": "load it as the SAMA model, not as the VAE",
+                    "sd_vae": "SAMA needs the Wan2.1 video VAE"}
+_ADVICE_FOR_FAMILY = {"a diffusion model": "load it as the model, not as the VAE",
+                      "a text encoder": "load it as the text encoder",
+                      "an image encoder": "load it as the anchor encoder / CLIP vision"}
 
 
 def _describe_other_model(keys: list[str]) -> str:
-    """A human description of what a non-VAE checkpoint looks like, from its key names."""
-    def has(pattern: str) -> bool:
-        rx = re.compile(pattern)
-        return any(rx.search(k) for k in keys)
-
-    if has(r"siglip_feat_mlp|semantic_head"):
-        return "SAMA DiT weights (load them as the SAMA model, not as the VAE)"
-    if has(r"(^|\.)blocks\.\d+\.(self_attn|cross_attn|attn1|attn2)\.|^(model\.)?diffusion_model\."):
-        return "a Wan DiT / diffusion model (load it as the model, not as the VAE)"
-    if has(r"^shared\.weight$|(^|\.)block\.\d+\.layer\.\d+\.|^token_embedding\.weight$"):
-        return "a T5/UMT5 text encoder (load it as the text encoder)"
-    if has(r"(^|\.)vision_model\.|^embeddings\.patch_embedding\.|^visual\."):
-        return "a CLIP/SigLIP vision encoder (load it as the anchor encoder / CLIP vision)"
-    if has(r"^(first_stage_model\.)?(encoder|decoder)\.(down|up)\.\d+\.|^first_stage_model\."):
-        return "a Stable-Diffusion-style image VAE (SAMA needs the Wan2.1 video VAE)"
-    if has(r"(^|\.)lora_(A|B|up|down)\."):
-        return "a LoRA"
-    return "an unrecognised model (none of the Wan VAE key names)"
+    """What a file given as the VAE looks like instead, with where it belongs."""
+    kind = identify_checkpoint(keys)
+    if kind is None:
+        return "an unrecognised model (none of the Wan VAE key names)"
+    if kind.name.startswith("wan_vae"):  # Wan VAE names, but not the whole encoder and decoder
+        return f"{kind.what} with tensors missing (an incomplete or partial file)"
+    advice = _ADVICE_FOR_KIND.get(kind.name) or _ADVICE_FOR_FAMILY.get(kind.family)
+    return f"{kind.what}; {advice}" if advice else kind.what
 
 
 def _refuse_if_not_wan21_vae_keys(keys: list[str], path: Path) -> None:
+    """Refuse, on key names alone (so a 28 GB DiT given as the VAE is refused unread), anything but the
+    original / ComfyUI single-file Wan VAE layout."""
     names = set(keys)
     if "decoder.head.0.gamma" in names and "encoder.conv1.weight" in names:
         return  # original / ComfyUI layout
@@ -412,7 +368,10 @@ def load_wan_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                 f"(wan_2.1_vae.safetensors) or a diffusers AutoencoderKLWan folder.")
         model = _load_diffusers_folder(folder, dtype)
     else:
-        model = _build_from_original_layout(_read_single_file(path), path, dtype)
+        # The key names are checked before any tensor is read: a wrong (maybe huge) file is refused unread.
+        check = functools.partial(_refuse_if_not_wan21_vae_keys, path=path)
+        state_dict, _ = read_state_dict(path, check_keys=check)
+        model = _build_from_original_layout(state_dict, path, dtype)
     return model.to(device=device).eval().requires_grad_(False)
 
 
