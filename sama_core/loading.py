@@ -170,6 +170,10 @@ def _refuse_if_not_dit_keys(keys: list[str], file: Path) -> None:
     """Refuse, on key names alone (before any tensor is read), a file with no Wan DiT / SAMA tensor."""
     if not keys:
         raise SamaModelFileError(f"{file} holds no tensors")
+    kind = identify_checkpoint(keys)
+    if kind is not None and kind.name == "lora":  # LoRA keys carry DiT module names: catch them first
+        raise SamaModelFileError(f"{file} is a LoRA, not a DiT: apply it with --lora FILE:STRENGTH (or ComfyUI's "
+                                 "LoRA loader) on top of the SAMA model")
     if any(k.startswith(_DIT_KEY_PREFIXES + SAMA_KEY_PREFIXES) for k in _official_key_names(keys)):
         return
     kind = identify_checkpoint(keys)
@@ -203,6 +207,14 @@ def to_official(sd: dict, dtype: torch.dtype | None) -> tuple[dict, list[str]]:
     return sd, tags
 
 
+def refuse_non_finite(sd: Mapping, file: Path) -> None:
+    """NaN/inf weights make every output NaN: name them at load time instead of failing mid-sampling."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SamaModelFileError(f"{file} has NaN/inf values in {len(bad)} tensor(s), e.g. {bad[:3]}: the file is "
+                                 "damaged (or was saved after training diverged); download or export it again")
+
+
 def read_weights(paths, dtype: torch.dtype | None = None) -> LoadedWeights:
     """Read and layer every file (later files override earlier ones) into official names."""
     files = expand_paths(paths)
@@ -212,6 +224,7 @@ def read_weights(paths, dtype: torch.dtype | None = None) -> LoadedWeights:
         check = functools.partial(_refuse_if_not_dit_keys, file=file)
         tensors, metadata = read_state_dict(file, check_keys=check)
         sd, tags = to_official(tensors, dtype)
+        refuse_non_finite(sd, file)
         if "sama_config" in metadata:
             meta_config = json.loads(metadata["sama_config"])
         dtypes = sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()})

@@ -304,7 +304,11 @@ def _build_from_original_layout(sd: dict[str, torch.Tensor], path: Path, dtype: 
     from diffusers import AutoencoderKLWan
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    config = infer_original_layout_config(sd, path)
+    try:
+        config = infer_original_layout_config(sd, path)
+    except KeyError as e:
+        raise SamaModelFileError(f"{path} is an incomplete Wan VAE file (tensor {e} is missing): download it "
+                                 "again") from None
     # Cast here rather than with model.to(dtype): one copy at most, and no diffusers dtype-cast warning.
     converted = {k: v.to(dtype) for k, v in convert_wan_vae_to_diffusers(sd).items()}
     with init_empty_weights():  # parameters on the meta device: the file's tensors are assigned, not copied

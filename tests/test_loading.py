@@ -266,3 +266,20 @@ def test_download_dry_run_plan(tmp_path, capsys):
     assert all(p["dest"].startswith(str(tmp_path)) for p in plan)
     assert any(p["dest"].endswith("vae") for p in plan) and any(p["dest"].endswith("text_encoders") for p in plan)
     assert not any(tmp_path.iterdir())  # nothing downloaded
+
+
+def test_nan_weights_are_named_at_load(tmp_path, model):
+    sd = sd_of(model)
+    sd["blocks.1.cross_attn.k.weight"][0, 0] = float("inf")
+    path = tmp_path / "nan.safetensors"
+    save_file(sd, str(path), metadata={"sama_config": TINY.to_json()})
+    with pytest.raises(SamaModelFileError, match=r"NaN/inf values in 1 tensor.*blocks.1.cross_attn.k.weight"):
+        load_dit(path)
+
+
+def test_a_lora_given_as_the_dit_is_named(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(2, 64),
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.zeros(64, 2)}, str(path))
+    with pytest.raises(SamaModelFileError, match="is a LoRA, not a DiT.*--lora"):
+        load_dit(path)

@@ -387,3 +387,11 @@ def test_matches_comfyui_wanvae(tiny, tmp_path):
     torch.testing.assert_close(vae.encode(frames, normalized=False), theirs["mu"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(vae.decode(raw_latents, normalized=False), theirs["frames"].clamp(-1, 1),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_incomplete_vae_file_is_reported(tmp_path):
+    path = tmp_path / "partial_vae.safetensors"
+    safetensors.torch.save_file({"encoder.conv1.weight": torch.zeros(8, 3, 3, 3, 3),
+                                 "decoder.head.0.gamma": torch.zeros(8, 1, 1, 1)}, str(path))
+    with pytest.raises(SamaModelFileError, match="incomplete Wan VAE file"):
+        load_wan_vae(path)
