@@ -73,6 +73,11 @@ def gpu_14b_block(repeats: int, backend: str):
         sec = timeit(lambda: model.blocks[0](x, ctx, t_mod, freqs), repeats)
     tflops = block_flops(cfg.dim, cfg.ffn_dim, seq) / sec / 1e12
     print(f"14B block, {seq} tokens, bf16, attention '{backend}': {sec * 1000:.1f} ms, {tflops:.0f} TFLOP/s effective")
+    from sama_core.fp8 import convert_block_linears
+    convert_block_linears(model, "tensor")
+    with torch.no_grad():
+        sec8 = timeit(lambda: model.blocks[0](x, ctx, t_mod, freqs), repeats)
+    print(f"14B block with fp8 linears (_scaled_mm): {sec8 * 1000:.1f} ms, {sec / sec8:.2f}x the bf16 block")
 
 
 def main():

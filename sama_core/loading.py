@@ -74,6 +74,7 @@ class LoadedWeights:
     files: list
     formats: list          # one description per file: "safetensors", "comfyui", "diffusers", "scaled fp8", ...
     metadata_config: dict | None = None
+    fp8_scales: dict = dataclasses.field(default_factory=dict)  # keep_fp8: module -> scale of its fp8 weight
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -185,45 +186,58 @@ def _refuse_if_not_dit_keys(keys: list[str], file: Path) -> None:
                              "(models/diffusion_models) file here.")
 
 
-def to_official(sd: dict, dtype: torch.dtype | None) -> tuple[dict, list[str]]:
-    """One file's tensors -> official names and the target dtype; returns the format tags it showed.
+def to_official(sd: dict, dtype: torch.dtype | None, keep_fp8: bool = False) -> tuple[dict, list[str], dict]:
+    """One file's tensors -> official names and the target dtype; returns the format tags it showed and,
+    with keep_fp8, the scales of the fp8 block-linear weights it left in fp8 (nothing is upcast for them).
     (Files without DiT tensors were refused on their key names by _refuse_if_not_dit_keys.)"""
-    tags = []
+    from .fp8 import BLOCK_LINEAR
+    tags, scales = [], {}
     sd, prefix = strip_prefix(sd)
     if prefix:
         tags.append(f"comfyui prefix '{prefix}'")
     if is_diffusers_layout(sd):
         sd = diffusers_to_official(sd)
         tags.append("diffusers names")
+
+    def stays_fp8(key):
+        return keep_fp8 and key.endswith(".weight") and BLOCK_LINEAR.match(key[: -len(".weight")]) is not None
+
     if "scaled_fp8" in sd or any(k.endswith(".scale_weight") for k in sd):
-        sd = dequantize_scaled_fp8(sd, dtype or torch.bfloat16)
         tags.append("scaled fp8")
+        if keep_fp8:
+            scales = {k[: -len(".scale_weight")]: v for k, v in sd.items()
+                      if k.endswith(".scale_weight") and stays_fp8(k[: -len("scale_weight")] + "weight")}
+            sd = {k: v for k, v in sd.items() if not (k.endswith(".scale_weight") and k[: -len(".scale_weight")]
+                                                      in scales)}
+        sd = dequantize_scaled_fp8(sd, dtype or torch.bfloat16)
     if any(v.dtype in FP8_DTYPES for v in sd.values()):
         tags.append("fp8")
         target = dtype or torch.bfloat16
-        sd = {k: v.to(target) if v.dtype in FP8_DTYPES else v for k, v in sd.items()}
+        sd = {k: v.to(target) if v.dtype in FP8_DTYPES and not stays_fp8(k) else v for k, v in sd.items()}
     if dtype is not None:
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    return sd, tags
+        sd = {k: v.to(dtype) if v.is_floating_point() and v.dtype not in FP8_DTYPES else v for k, v in sd.items()}
+    return sd, tags, scales
 
 
 def refuse_non_finite(sd: Mapping, file: Path) -> None:
     """NaN/inf weights make every output NaN: name them at load time instead of failing mid-sampling."""
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in sd.items()
+           if v.is_floating_point() and v.dtype not in FP8_DTYPES and not torch.isfinite(v).all()]
     if bad:
         raise SamaModelFileError(f"{file} has NaN/inf values in {len(bad)} tensor(s), e.g. {bad[:3]}: the file is "
                                  "damaged (or was saved after training diverged); download or export it again")
 
 
-def read_weights(paths, dtype: torch.dtype | None = None) -> LoadedWeights:
+def read_weights(paths, dtype: torch.dtype | None = None, keep_fp8: bool = False) -> LoadedWeights:
     """Read and layer every file (later files override earlier ones) into official names."""
     files = expand_paths(paths)
-    merged, formats, meta_config = {}, [], None
+    merged, formats, meta_config, scales = {}, [], None, {}
     for file in files:
         # The key names are checked before any tensor is read: a wrong (maybe huge) file is refused unread.
         check = functools.partial(_refuse_if_not_dit_keys, file=file)
         tensors, metadata = read_state_dict(file, check_keys=check)
-        sd, tags = to_official(tensors, dtype)
+        sd, tags, file_scales = to_official(tensors, dtype, keep_fp8)
+        scales.update(file_scales)
         refuse_non_finite(sd, file)
         if "sama_config" in metadata:
             meta_config = json.loads(metadata["sama_config"])
@@ -231,7 +245,7 @@ def read_weights(paths, dtype: torch.dtype | None = None) -> LoadedWeights:
         formats.append(f"{file.name}: {file.suffix.lstrip('.')} ({', '.join(dtypes)})"
                        + (f" [{'; '.join(tags)}]" if tags else ""))
         merged.update(sd)
-    return LoadedWeights(merged, files, formats, meta_config)
+    return LoadedWeights(merged, files, formats, meta_config, scales)
 
 
 def sidecar_config(files: Sequence[Path]) -> dict | None:
@@ -295,11 +309,15 @@ def check_keys(model_keys: Iterable[str], sd_keys: Iterable[str]) -> KeyReport:
 # ---------------------------------------------------------------------------------------------- building
 
 def build_model(config: SamaConfig, state_dict: dict, *, operations=None, attention_backend="auto",
-                device="cpu", strict: bool = True):
-    """Build on the meta device and assign the tensors (no second copy of the weights)."""
+                device="cpu", strict: bool = True, fp8: str | None = None):
+    """Build on the meta device and assign the tensors (no second copy of the weights). With fp8
+    ("tensor" / "row"), the block linears are fp8 `_scaled_mm` layers (see fp8.py)."""
     from .model import SamaDiT
     with torch.device("meta"):
         model = SamaDiT(config, operations=operations, attention_backend=attention_backend)
+    if fp8:
+        from .fp8 import convert_block_linears
+        convert_block_linears(model, fp8)
     report = check_keys(model.state_dict().keys(), state_dict.keys())
     if strict and (report.missing or report.unexpected):
         raise SamaModelFileError(f"the weights do not fit a {describe_config(config)} DiT: {report.summary()}")
@@ -316,10 +334,12 @@ def describe_config(config: SamaConfig) -> str:
 
 
 def load_dit(paths, *, config=None, dtype: torch.dtype | None = None, device="cpu", operations=None,
-             attention_backend: str = "auto", allow_plain_wan: bool = False):
+             attention_backend: str = "auto", allow_plain_wan: bool = False, fp8: str | None = None):
     """Load a SAMA DiT from any accepted layout. `paths`: one file, a folder, an index, or a list
-    (base shards first, SAMA file last). A plain Wan2.1 file is refused unless `allow_plain_wan`."""
-    weights = read_weights(paths, dtype=dtype)
+    (base shards first, SAMA file last). A plain Wan2.1 file is refused unless `allow_plain_wan`.
+    fp8 = "tensor" / "row": block linears stored in fp8 and run with torch._scaled_mm; fp8 files keep
+    their fp8 values (never upcast), others are quantised tensor by tensor while loading."""
+    weights = read_weights(paths, dtype=dtype, keep_fp8=bool(fp8))
     cfg = resolve_config(weights, config)
     if not cfg.has_sama:
         present = [p.rstrip(".") for p in SAMA_KEY_PREFIXES if any(k.startswith(p) for k in weights.state_dict)]
@@ -329,8 +349,12 @@ def load_dit(paths, *, config=None, dtype: torch.dtype | None = None, device="cp
                 f"this is a Wan2.1 base model without the SAMA parts{hint}: load the SAMA weights on top "
                 "(pass the base file(s) first and the SAMA safetensors last)")
         weights.state_dict = {k: v for k, v in weights.state_dict.items() if not k.startswith(SAMA_KEY_PREFIXES)}
-    model = build_model(cfg, weights.state_dict, operations=operations, attention_backend=attention_backend,
-                        device=device)
+    sd = weights.state_dict
+    if fp8:
+        from .fp8 import fp8_state_dict
+        sd = fp8_state_dict(sd, weights.fp8_scales, fp8, dtype)
+    model = build_model(cfg, sd, operations=operations, attention_backend=attention_backend, device=device,
+                        fp8=fp8)
     log.info("loaded %s from %s", describe_config(cfg), "; ".join(weights.formats))
     return model
 

@@ -175,3 +175,10 @@ def test_lora_for_another_model_is_refused(tmp_path):
                "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(4, 2)}, str(path))
     with pytest.raises(SamaModelFileError, match="do not exist in this DiT"):
         merge_lora(tiny_dit(), path)
+
+
+def test_cli_fp8_option_runs(bundle, clip, tmp_path):
+    out = tmp_path / "fp8.mp4"
+    assert cli(["edit", "--model", str(bundle), "--video", str(clip), "--prompt", "make it blue", "--out", str(out),
+                "--steps", "1", "--fp8", "row"]) == 0
+    assert read_video(out)[0].shape[0] == 10
