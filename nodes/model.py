@@ -1,9 +1,11 @@
 """Load SAMA Model: the DiT as a native MODEL (ModelPatcher built with comfy.ops)."""
 
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from ..sama_core.attention import BACKENDS
+from ..sama_core.errors import SamaModelFileError
 from .comfy_model import WEIGHT_DTYPES, load_sama_patcher
 
 NONE = "none"
@@ -20,7 +22,8 @@ class SamaLoadModel(io.ComfyNode):
             description=(
                 "Loads the SAMA video-editing DiT from models/diffusion_models as a native MODEL, so ComfyUI "
                 "manages its memory and native LoRA / torch-compile nodes apply. Accepts a merged SAMA file, or "
-                "the Wan2.1-T2V base (single file or the first shard / index of a sharded checkpoint) with the "
+                "the Wan2.1-T2V base (a single file, or any one shard of a sharded checkpoint: the other shards "
+                "next to it are loaded too) with the "
                 "SAMA-14B file layered on top. Official, ComfyUI-repackaged (fp16/bf16/fp8/scaled fp8) and "
                 "diffusers layouts load. The sampling shift is set to SAMA's 5.0."),
             inputs=[
@@ -49,4 +52,52 @@ class SamaLoadModel(io.ComfyNode):
         return io.NodeOutput(load_sama_patcher(paths, weight_dtype=weight_dtype, attention_backend=attention))
 
 
-NODES = [SamaLoadModel]
+def load_wan_vae_any_width(path):
+    """A native ComfyUI VAE object for a Wan2.1 VAE of any width. ComfyUI 0.3.64's own loader builds the
+    Wan2.1 VAE at the released width (96) only; smaller ones (the bundled tiny model's) get the same
+    ComfyUI VAE class around a ComfyUI WanVAE of their own width."""
+    import comfy.ldm.wan.vae
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.utils
+    sd = comfy.utils.load_torch_file(path, safe_load=True)
+    width = sd.get("decoder.head.0.gamma")
+    if width is None or "decoder.middle.0.residual.0.gamma" not in sd:
+        raise SamaModelFileError(f"{path} is not a Wan2.1 VAE in the original/ComfyUI layout")
+    if width.shape[0] == 96:
+        return comfy.sd.VAE(sd=sd)
+    # A one-tensor state dict that selects ComfyUI's Wan2.1 VAE setup (shape of the width-96 model's tensor),
+    # whose module is then swapped for one of this file's width.
+    vae = comfy.sd.VAE(sd={"decoder.middle.0.residual.0.gamma": torch.ones(384, 1, 1, 1)})
+    model = comfy.ldm.wan.vae.WanVAE(dim=width.shape[0], z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                     attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise SamaModelFileError(f"{path}: not a Wan2.1 VAE layout ({len(missing)} missing, {len(unexpected)} "
+                                 "unexpected tensors)")
+    vae.first_stage_model = model.eval().to(vae.vae_dtype)
+    vae.patcher = comfy.model_patcher.ModelPatcher(vae.first_stage_model, load_device=vae.device,
+                                                   offload_device=comfy.model_management.vae_offload_device())
+    return vae
+
+
+class SamaLoadVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SamaLoadVAE", display_name="SAMA Load VAE (any width)", category="SAMA",
+            description="Loads a Wan2.1 VAE from models/vae as a native VAE, also at widths ComfyUI's Load VAE "
+                        "does not build (e.g. the bundled tiny demo model's). For the released Wan2.1 VAE this is "
+                        "the same as Load VAE.",
+            inputs=[io.Combo.Input("vae_name", options=folder_paths.get_filename_list("vae"),
+                                   tooltip="A Wan2.1 VAE file (original / ComfyUI layout).")],
+            outputs=[io.Vae.Output(tooltip="The VAE, for SAMA Sampler / In-Context and VAE Decode.")],
+        )
+
+    @classmethod
+    def execute(cls, vae_name) -> io.NodeOutput:
+        return io.NodeOutput(load_wan_vae_any_width(folder_paths.get_full_path_or_raise("vae", vae_name)))
+
+
+NODES = [SamaLoadModel, SamaLoadVAE]

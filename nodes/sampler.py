@@ -15,6 +15,7 @@ import latent_preview
 import node_helpers
 from comfy_api.latest import io
 
+from ..sama_core.anchors import SIGLIP_WIDTH
 from ..sama_core.errors import SamaInputError
 from ..sama_core.sampler import NUM_SEMANTIC_TOKENS, SamplerOptions, sample
 from ..sama_core.scheduler import anchor_sigma_cut, flow_sigmas
@@ -182,6 +183,9 @@ class SamaInContext(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="From SAMA Text Encode."),
                 *_source_inputs(),
                 *_anchor_inputs(),
+                io.Model.Input("model", optional=True,
+                               tooltip="The SAMA model: sizes the semantic stream for models other than SAMA-14B "
+                                       "(whose width, 1152, is the default)."),
                 io.Float.Input("shift", default=SAMA_SHIFT, min=0.1, max=20.0, step=0.1, optional=True,
                                tooltip="The sampling shift in use (to place anchor_strength on the schedule)."),
             ],
@@ -195,11 +199,14 @@ class SamaInContext(io.ComfyNode):
 
     @classmethod
     def execute(cls, positive, negative, source_images=None, vae=None, source_latent=None, anchors=None,
-                anchor_strength=0.5, shift=SAMA_SHIFT) -> io.NodeOutput:
+                anchor_strength=0.5, model=None, shift=SAMA_SHIFT) -> io.NodeOutput:
         source = encode_source(source_images, vae, source_latent).float().cpu()
         tokens = _anchor_tokens(anchors, source.shape[0])
         num_tokens = tokens.shape[1] if tokens is not None else NUM_SEMANTIC_TOKENS
-        width = tokens.shape[2] if tokens is not None else 1152
+        width = sama_diffusion_model(model).config.siglip_dim if model is not None else SIGLIP_WIDTH
+        if tokens is not None and tokens.shape[2] != width:
+            raise SamaInputError(f"the anchors are {tokens.shape[2]} wide but the model's semantic stream is {width}: "
+                                 "encode them with the SigLIP encoder that belongs to this model")
         # Pad entries hold the Wan latent mean, which the model's latent normalisation maps to exactly 0.
         mean = comfy.latent_formats.Wan21().latents_mean.reshape(-1)
         latent = pack(source, torch.zeros(source.shape[0], num_tokens, width), fill=mean)

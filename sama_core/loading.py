@@ -92,8 +92,28 @@ def expand_paths(paths: str | os.PathLike | Sequence) -> list[Path]:
         elif p.name.endswith(".index.json"):
             out.extend(_shards_of_index(p))
         else:
-            out.append(p)
+            out.extend(_whole_shard_set(p))
     return out
+
+
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})(?P<ext>\.[A-Za-z0-9]+)$")
+
+
+def _whole_shard_set(file: Path) -> list[Path]:
+    """One shard of a sharded checkpoint (what a file picker like ComfyUI's offers) stands for all of them."""
+    match = _SHARD_NAME.match(file.name)
+    if not match:
+        return [file]
+    index = file.with_name(f"{match['stem']}{match['ext']}.index.json")
+    if index.exists():
+        return _shards_of_index(index)
+    count = int(match["count"])
+    shards = [file.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}{match['ext']}") for i in range(1, count + 1)]
+    missing = [s.name for s in shards if not s.exists()]
+    if missing:
+        raise SamaFileNotFoundError(f"{file.name} is one of {count} shards, but {missing} are not in {file.parent}; "
+                                    "download every shard of the checkpoint")
+    return shards
 
 
 def _files_in_folder(folder: Path) -> list[Path]:

@@ -265,6 +265,9 @@ def test_download_dry_run_plan(tmp_path, capsys):
     assert {"syxbb/SAMA-14B", "Wan-AI/Wan2.1-T2V-14B"} <= repos
     assert all(p["dest"].startswith(str(tmp_path)) for p in plan)
     assert any(p["dest"].endswith("vae") for p in plan) and any(p["dest"].endswith("text_encoders") for p in plan)
+    flat = [f for p in plan for f in p.get("files", [])]
+    assert str(tmp_path / "vae" / "wan_2.1_vae.safetensors") in flat
+    assert str(tmp_path / "text_encoders" / "umt5_xxl_fp16.safetensors") in flat
     assert not any(tmp_path.iterdir())  # nothing downloaded
 
 
@@ -283,3 +286,20 @@ def test_a_lora_given_as_the_dit_is_named(tmp_path):
                "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.zeros(64, 2)}, str(path))
     with pytest.raises(SamaModelFileError, match="is a LoRA, not a DiT.*--lora"):
         load_dit(path)
+
+
+def test_one_shard_stands_for_the_whole_set(tmp_path, model, reference_output):
+    sd = sd_of(model)
+    keys = sorted(sd)
+    names = [f"diffusion_pytorch_model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
+    for i, name in enumerate(names):
+        save_file({k: sd[k] for k in keys[i::3]}, str(tmp_path / name), metadata={"sama_config": TINY.to_json()})
+    # Without an index (the shards alone) and with one: picking any shard loads the whole model.
+    assert_same(run(load_dit(tmp_path / names[1])), reference_output)
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: names[i % 3] for i, k in enumerate(keys)}}))
+    assert_same(run(load_dit(tmp_path / names[0])), reference_output)
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    (tmp_path / names[2]).unlink()
+    with pytest.raises(SamaFileNotFoundError, match="one of 3 shards"):
+        load_dit(tmp_path / names[0])

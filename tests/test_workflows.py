@@ -67,6 +67,12 @@ def _links_by_id(graph) -> dict:
     return links
 
 
+def _same_type(link_type, socket_type) -> bool:
+    """A link's type equals its sockets' types, except that the frontend types a link into an any-type
+    ("*") input, such as PreviewAny's, as "*" while the output it starts at keeps its own type."""
+    return link_type == socket_type or "*" in (link_type, socket_type)
+
+
 def test_there_are_workflows_in_both_formats():
     formats = {_is_ui(_load(path)) for path in WORKFLOWS}
     assert formats == {True, False}, "workflows/ needs at least one UI-format and one API-format workflow"
@@ -111,12 +117,12 @@ def test_workflow_is_well_formed(path):
                     link = links[socket["link"]]
                     assert link[2:4] == (node["id"], slot), (
                         f"node {node['id']} input {socket['name']}: link {socket['link']} ends elsewhere")
-                    assert link[4] == socket["type"]
+                    assert _same_type(link[4], socket["type"]), (node["id"], socket["name"], link)
             for slot, socket in enumerate(node.get("outputs", [])):
                 for link_id in socket.get("links") or []:
                     assert links[link_id][0:2] == (node["id"], slot), (
                         f"node {node['id']} output {socket['name']}: link {link_id} starts elsewhere")
-                    assert links[link_id][4] == socket["type"]
+                    assert _same_type(links[link_id][4], socket["type"]), (node["id"], socket["name"])
         # Subgraph links may start/end at the subgraph's own input/output pseudo-nodes (negative ids).
         for link_id, (source, _, target, _, _) in links.items():
             assert (source in nodes or source < 0) and (target in nodes or target < 0), f"link {link_id}"
@@ -183,3 +189,74 @@ def _check_ui_against(workflow, object_info):
             for slot, socket in enumerate(node.get("outputs", [])):
                 assert slot < len(info["output"]) and socket["type"] == info["output"][slot], (
                     f"node {node['id']} ({node['type']}) output {slot}: {socket['type']} vs {info['output']}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# UI and API files describe the same graph (workflows/make_ui.py writes the UI files from the API ones)
+
+
+def _make_ui():
+    """workflows/make_ui.py as a module (workflows/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sama_workflows_make_ui", WORKFLOWS_DIR / "make_ui.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pairs():
+    """(UI file, API file) for every NAME.json that has a NAME_api.json."""
+    return [(path, path.with_name(path.stem + "_api.json")) for path in WORKFLOWS
+            if _is_ui(_load(path)) and path.with_name(path.stem + "_api.json").exists()]
+
+
+def test_every_ui_workflow_has_an_api_twin():
+    ui_files = {path for path in WORKFLOWS if _is_ui(_load(path))}
+    assert ui_files == {ui for ui, _api in _pairs()}, "each NAME.json needs a NAME_api.json (and vice versa)"
+    assert {api for _ui, api in _pairs()} == {path for path in WORKFLOWS if not _is_ui(_load(path))}
+
+
+@pytest.mark.comfy_host
+@pytest.mark.parametrize("pair", _pairs(), ids=lambda pair: pair[0].name)
+def test_ui_workflow_and_its_api_file_are_the_same_graph(pair, comfy_server):
+    """The UI file exported to API format (widget values matched to inputs by the server's widget order,
+    links to [node, slot]) equals the API file: same nodes, links and values."""
+    ui_path, api_path = pair
+    make_ui = _make_ui()
+    exported = make_ui.ui_to_api(_load(ui_path), comfy_server.object_info())
+    api = {node_id: {"class_type": node["class_type"], "inputs": node["inputs"]}
+           for node_id, node in _load(api_path).items()}
+    assert exported == api
+
+
+@pytest.mark.comfy_host
+def test_widget_order_rule_matches_workflows_saved_by_the_frontend(comfy_server):
+    """make_ui's widget list (with the frontend's control_after_generate / upload widgets) has as many
+    entries as the widgets_values the real frontend saved for the same node types in ComfyUI's workflow
+    templates (the comfyui-workflow-templates package ComfyUI installs)."""
+    import collections
+
+    templates = pytest.importorskip("comfyui_workflow_templates")
+    template_dir = Path(templates.__file__).parent / "templates"
+    make_ui = _make_ui()
+    object_info = comfy_server.object_info()
+    ours = {node["type"] for path in WORKFLOWS if _is_ui(_load(path)) for node in _load(path)["nodes"]}
+    ours &= set(object_info)
+    counts = collections.defaultdict(collections.Counter)  # node type -> {len(widgets_values): templates}
+    for path in sorted(template_dir.glob("*.json")):
+        try:
+            workflow = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if not _is_ui(workflow):
+            continue
+        for graph in _ui_graphs(workflow):
+            for node in graph["nodes"]:
+                if node["type"] in ours and isinstance(node.get("widgets_values"), list):
+                    counts[node["type"]][len(node["widgets_values"])] += 1
+    checked = {node_type: seen.most_common(1)[0][0] for node_type, seen in counts.items()}
+    assert {"KSampler", "LoadImage", "LoadVideo", "CLIPLoader", "SaveVideo"} <= set(checked), sorted(checked)
+    for node_type, saved_count in checked.items():
+        names = make_ui.widget_names(object_info[node_type])
+        assert len(names) == saved_count, f"{node_type}: the frontend saved {saved_count}, we list {names}"

@@ -18,6 +18,7 @@ class DownloadItem:
     patterns: tuple        # files (or glob patterns) inside the repository
     subdir: str            # destination inside the models folder (ComfyUI layout)
     required: bool = True
+    flatten: bool = False  # single files: put them directly in subdir (where ComfyUI's loaders list them)
 
 
 PLAN = (
@@ -27,18 +28,24 @@ PLAN = (
                  ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model.safetensors.index.json",
                   "config.json"), "diffusion_models/Wan2.1-T2V-14B"),
     DownloadItem("Wan2.1 VAE", "Comfy-Org/Wan_2.1_ComfyUI_repackaged",
-                 ("split_files/vae/wan_2.1_vae.safetensors",), "vae"),
+                 ("split_files/vae/wan_2.1_vae.safetensors",), "vae", flatten=True),
     DownloadItem("UMT5-XXL text encoder", "Comfy-Org/Wan_2.1_ComfyUI_repackaged",
-                 ("split_files/text_encoders/umt5_xxl_fp16.safetensors",), "text_encoders"),
+                 ("split_files/text_encoders/umt5_xxl_fp16.safetensors",), "text_encoders", flatten=True),
     DownloadItem("SigLIP so400m vision encoder (anchor frames, training)", "Comfy-Org/sigclip_vision_384",
-                 ("sigclip_vision_patch14_384.safetensors",), "clip_vision", required=False),
+                 ("sigclip_vision_patch14_384.safetensors",), "clip_vision", required=False, flatten=True),
 )
 
 
 def plan(models_dir, include_optional: bool = True) -> list[dict]:
     root = Path(models_dir)
-    return [dict(name=i.name, repo_id=i.repo_id, patterns=list(i.patterns), dest=str(root / i.subdir))
-            for i in PLAN if i.required or include_optional]
+    items = []
+    for i in PLAN:
+        if i.required or include_optional:
+            item = dict(name=i.name, repo_id=i.repo_id, patterns=list(i.patterns), dest=str(root / i.subdir))
+            if i.flatten:
+                item["files"] = [str(root / i.subdir / Path(f).name) for f in i.patterns]
+            items.append(item)
+    return items
 
 
 def register(sub):
@@ -59,9 +66,15 @@ def run(args) -> int:
             print(f"{item['name']}\n  from {item['repo_id']}: {', '.join(item['patterns'])}\n  to   {item['dest']}")
     if args.dry_run:
         return 0
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download
     for item in items:
-        # Files keep their repo-relative names under dest; ComfyUI scans sub-folders recursively.
-        snapshot_download(item["repo_id"], allow_patterns=item["patterns"], local_dir=item["dest"])
+        if "files" not in item:  # whole checkpoints keep their own folder (shards, index, config)
+            snapshot_download(item["repo_id"], allow_patterns=item["patterns"], local_dir=item["dest"])
+            continue
+        for pattern, final in zip(item["patterns"], item["files"]):
+            if Path(final).exists():
+                continue  # already complete (huggingface_hub resumes partial files itself)
+            fetched = Path(hf_hub_download(item["repo_id"], pattern, local_dir=item["dest"]))
+            fetched.replace(final)  # flat, where ComfyUI's loaders and the workflows expect it
     print(f"done: models in {args.dir}")
     return 0

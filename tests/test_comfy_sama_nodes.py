@@ -1,0 +1,396 @@
+"""The SAMA nodes in a real ComfyUI (tests/comfy_host.py), with tiny random models written by the tests.
+
+- The tiny workflows of workflows/ (plain edit, anchored edit, native KSampler) run end to end on a
+  video: the saved video has the source's frame count, size and fps.
+- The pretext preview workflow: perturbed frames, mask and task instruction.
+- Sampler semantics through the server: anchors at strength 0 change nothing, anchors at 0.5 do; a
+  Wan2.1 base (sharded) + SAMA file equals the merged file.
+- Invalid inputs (a 2-frame source, a non-SAMA model file, an empty instruction) fail in their node
+  with the pack's clean error, and the server keeps serving.
+- Progress reaches the client over the websocket, and the interrupt button stops SAMA Sampler.
+
+Most prompts here skip the VAE (a Wan latent from EmptyHunyuanLatentVideo as the source, SaveLatent as
+the output): the DiT is tiny, so they take milliseconds.
+"""
+
+import asyncio
+import json
+import shutil
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from comfy_host import PromptFailed, load_workflow
+
+pytest_plugins = ["comfy_host"]  # the session-scoped `comfy_server` fixture
+pytestmark = pytest.mark.comfy_host
+
+# The tiny models under the names the tiny workflows use (workflows/tiny_demo*_api.json).
+DIT = "sama_tiny_dit.safetensors"
+TEXT_ENCODER = "sama_tiny_umt5.safetensors"
+VAE = "sama_tiny_vae.safetensors"
+SIGLIP = "sama_tiny_siglip.safetensors"
+SIGLIP_HEADS = 2
+BASE_SHARD = "sama_tiny_base/diffusion_pytorch_model-00001-of-00002.safetensors"
+SAMA_ONLY = "sama_tiny_sama_parts.safetensors"
+NOT_A_DIT = "sama_tiny_vae_as_dit.safetensors"
+
+SOURCE_VIDEO = "sama_tiny_demo.mp4"  # the file name the tiny workflows load
+SOURCE_LEVELS = [30, 90, 150, 210]  # 4 frames (padded to 5 for the edit), one grey level each
+SOURCE_SIZE = (48, 32)  # (width, height): not the 32x32 the tiny workflows edit at, so restoring is tested
+SOURCE_FPS = 8
+TINY_EDIT_SIZE = (32, 32)
+
+SAMPLER_NODE = "10"  # the SAMA Sampler / KSampler node id in the tiny workflows
+
+
+def _unique(prefix: str) -> str:
+    """Fresh names per run: the server caches node results of identical inputs."""
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fixtures: model files and inputs in the server's folders
+
+
+def _write_sharded_base_and_sama_file(dit_path, base_dir, sama_path) -> None:
+    """The merged tiny DiT split like the released files: the Wan2.1 base in two shards with an index,
+    and the SAMA parts (segment embedding, SigLIP MLP, semantic head) in a file of their own."""
+    from sama_core.config import SAMA_KEY_PREFIXES
+
+    state = load_file(str(dit_path))
+    with safe_open(str(dit_path), framework="pt") as f:
+        metadata = f.metadata()  # the config (heads) travels with the SAMA file
+    sama_keys = sorted(k for k in state if k.startswith(tuple(SAMA_KEY_PREFIXES)))
+    wan_keys = sorted(set(state) - set(sama_keys))
+    assert sama_keys and wan_keys
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": wan_keys[: len(wan_keys) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": wan_keys[len(wan_keys) // 2:]}
+    base_dir.mkdir(parents=True, exist_ok=True)
+    for name, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(base_dir / name))
+    index = {"metadata": {}, "weight_map": {k: name for name, keys in shards.items() for k in keys}}
+    (base_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({k: state[k] for k in sama_keys}, str(sama_path), metadata=metadata)
+
+
+def _write_video(path, levels, size, fps) -> None:
+    import imageio_ffmpeg
+
+    width, height = size
+    writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, codec="libx264",
+                                         pix_fmt_out="yuv420p", quality=9)
+    writer.send(None)
+    for level in levels:
+        writer.send(np.full((height, width, 3), level, np.uint8).tobytes())
+    writer.close()
+
+
+def _read_video(path):
+    """(frames (F, H, W, 3) uint8, fps) of a saved video."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(stream)])
+        return frames, float(stream.average_rate)
+
+
+def _read_png(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def tiny(comfy_server, tmp_path_factory):
+    """The tiny random bundle's files in the server's model folders, and the source video in input/."""
+    from sama_core.bundle import write_tiny_random_bundle
+
+    bundle = write_tiny_random_bundle(tmp_path_factory.mktemp("tiny_bundle") / "bundle")
+    host = comfy_server
+    shutil.copy(bundle / "dit.safetensors", host.model_path("diffusion_models", DIT))
+    shutil.copy(bundle / "text_encoder.safetensors", host.model_path("text_encoders", TEXT_ENCODER))
+    shutil.copy(bundle / "siglip.safetensors", host.model_path("clip_vision", SIGLIP))
+    shutil.copy(bundle / "vae.safetensors", host.model_path("diffusion_models", NOT_A_DIT))  # a wrong file
+    shutil.copyfile(bundle / "vae.safetensors", host.model_path("vae", VAE))  # SAMA Load VAE: any width
+    _write_sharded_base_and_sama_file(bundle / "dit.safetensors",
+                                      host.model_path("diffusion_models", BASE_SHARD).parent,
+                                      host.model_path("diffusion_models", SAMA_ONLY))
+    _write_video(host.input_path(SOURCE_VIDEO), SOURCE_LEVELS, SOURCE_SIZE, SOURCE_FPS)
+    from PIL import Image
+    anchor = np.full((32, 32, 3), (200, 40, 40), np.uint8)  # the "edited first frame"
+    Image.fromarray(anchor).save(host.input_path("sama_tiny_anchor.png"))
+    return host
+
+
+# --------------------------------------------------------------------------------------------------------
+# Prompts without the VAE
+
+
+def _latent_edit_prompt(prefix, seed=0, steps=2, dit=DIT, sama_weights="none",
+                        instruction="make the circle blue", anchor_strength=None):
+    """Tiny SAMA Sampler edit of a zero Wan latent (32x32 pixels, 5 frames) saved as a .latent file.
+    anchor_strength: None = no anchors; else anchors of a red 32x32 image at that strength."""
+    prompt = {
+        "1": {"class_type": "EmptyHunyuanLatentVideo",
+              "inputs": {"width": 32, "height": 32, "length": 5, "batch_size": 1}},
+        "2": {"class_type": "SamaLoadModel", "inputs": {"dit_name": dit, "sama_weights": sama_weights,
+                                                        "weight_dtype": "default", "attention": "auto"}},
+        "3": {"class_type": "SamaTextEncodeFile",
+              "inputs": {"text_encoder": TEXT_ENCODER, "instruction": instruction, "negative": "",
+                         "use_prefix": True}},
+        "4": {"class_type": "SamaSampler",
+              "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["3", 1],
+                         "source_latent": ["1", 0], "seed": seed, "steps": steps, "cfg": 5.0, "shift": 5.0,
+                         "denoise": 1.0}},
+        "5": {"class_type": "SaveLatent",
+              "inputs": {"samples": ["4", 0], "filename_prefix": f"{prefix}/latent"}},
+    }
+    if anchor_strength is not None:
+        prompt["6"] = {"class_type": "EmptyImage",
+                       "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0xC82828}}
+        prompt["7"] = {"class_type": "SamaAnchorEncodeFile",
+                       "inputs": {"siglip": SIGLIP, "num_heads": SIGLIP_HEADS, "images": ["6", 0],
+                                  "num_anchors": 1}}
+        prompt["4"]["inputs"].update(anchors=["7", 0], anchor_strength=anchor_strength)
+    return prompt
+
+
+def _saved_latent(result, node_id="5") -> torch.Tensor:
+    files = result.files(node_id)
+    assert len(files) == 1 and files[0].suffix == ".latent"
+    return load_file(str(files[0]))["latent_tensor"]
+
+
+def _assert_still_serving(host) -> None:
+    """A fresh valid prompt (a seed never used before, so nothing is cached) runs and saves its latent."""
+    seed = int(uuid.uuid4().int % 2**31)
+    result = host.run(_latent_edit_prompt(_unique("sama_alive"), seed=seed), timeout=120)
+    latent = _saved_latent(result)
+    assert latent.shape == (1, 16, 2, 4, 4) and torch.isfinite(latent).all()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The tiny workflows on a video
+
+
+def _run_tiny_workflow(host, name):
+    workflow = load_workflow(name)
+    assert workflow["1"]["inputs"]["file"] == SOURCE_VIDEO
+    assert (workflow["4"]["inputs"]["width"], workflow["4"]["inputs"]["height"]) == TINY_EDIT_SIZE
+    workflow["17"]["inputs"]["filename_prefix"] = _unique(f"video/{name[:-len('_api.json')]}")
+    return host.run(workflow, timeout=300)
+
+
+def _assert_video_like_the_source(result):
+    videos = result.files("17")
+    assert len(videos) == 1 and videos[0].suffix == ".mp4" and videos[0].is_file()
+    frames, fps = _read_video(videos[0])
+    width, height = SOURCE_SIZE
+    assert frames.shape == (len(SOURCE_LEVELS), height, width, 3)  # trimmed back and resized back
+    assert fps == pytest.approx(SOURCE_FPS)
+
+
+@pytest.mark.parametrize("workflow", ["tiny_demo_api.json", "tiny_demo_anchor_api.json",
+                                      "tiny_demo_native_ksampler_api.json"])
+def test_tiny_workflow_edits_a_video_end_to_end(tiny, workflow):
+    result = _run_tiny_workflow(tiny, workflow)
+    _assert_video_like_the_source(result)
+    cached = {node for event, data in result.messages if event == "execution_cached"
+              for node in data["nodes"]}
+    assert SAMPLER_NODE not in cached  # the sampler really ran
+
+
+def test_pretext_preview_workflow_blanks_a_block_of_frames(tiny):
+    """Cube pretext on the 4-frame source padded to 5: round(0.3 * 5) = 2 contiguous frames (never the
+    first) are black in the output and white in the mask; the others are the source frames."""
+    workflow = load_workflow("pretext_preview_api.json")
+    workflow["1"]["inputs"]["file"] = SOURCE_VIDEO
+    workflow["5"]["inputs"]["filename_prefix"] = _unique("sama_pretext/perturbed")
+    assert workflow["4"]["inputs"]["pretext"] == "cube"
+
+    result = tiny.run(workflow, timeout=120)
+
+    padded_levels = SOURCE_LEVELS + [SOURCE_LEVELS[-1]]  # 4k+1 padding repeats the last frame
+    perturbed = [_read_png(p) for p in result.files("5")]
+    masks = [_read_png(p) for p in result.files("6")]
+    assert len(perturbed) == len(masks) == len(padded_levels)
+    blanked = [i for i, mask in enumerate(masks) if mask.min() == 255]
+    kept = [i for i, mask in enumerate(masks) if mask.max() == 0]
+    assert len(blanked) + len(kept) == len(masks), "mask frames are all white or all black"
+    assert len(blanked) == int(np.floor(0.3 * len(padded_levels) + 0.5))  # 30% of the frames, halves up
+    assert blanked == list(range(blanked[0], blanked[0] + len(blanked))) and blanked[0] >= 1
+    for index in blanked:
+        assert perturbed[index].max() == 0
+    for index in kept:  # H.264 moves flat grey levels by a few units
+        assert abs(float(perturbed[index].mean()) - padded_levels[index]) < 6
+    assert result.outputs["7"]["text"] == ["[Complete the missing regions in the video.]"]
+
+
+@pytest.mark.parametrize("pretext", ["speed", "tube"])
+def test_pretext_preview_workflow_runs_the_other_pretexts(tiny, pretext):
+    """Speed (2x) and tube shuffle keep the 4k+1 frame count of the padded source; the mask is white
+    exactly where a frame now shows another moment; the task instruction is the pretext's own."""
+    from sama_core.pretext import TASK_TOKENS
+
+    workflow = load_workflow("pretext_preview_api.json")
+    workflow["1"]["inputs"]["file"] = SOURCE_VIDEO
+    workflow["4"]["inputs"]["pretext"] = pretext
+    workflow["5"]["inputs"]["filename_prefix"] = _unique(f"sama_pretext/{pretext}")
+
+    result = tiny.run(workflow, timeout=120)
+
+    perturbed = [_read_png(p) for p in result.files("5")]
+    masks = [_read_png(p) for p in result.files("6")]
+    assert len(perturbed) == len(masks) == len(SOURCE_LEVELS) + 1
+    if pretext == "speed":  # frame i shows source frame 2i (held at the end): levels 0, 2, 4, 4, 4
+        padded_levels = SOURCE_LEVELS + [SOURCE_LEVELS[-1]]
+        expected = [padded_levels[min(2 * i, len(padded_levels) - 1)] for i in range(len(padded_levels))]
+        assert [round(float(frame.mean())) for frame in perturbed] == pytest.approx(expected, abs=6)
+        changed = [level != original for level, original in zip(expected, padded_levels)]
+        assert changed == [False, True, True, False, False]  # frames 3 and 4 show equal padded frames
+        assert [bool(mask.min() == 255) for mask in masks] == changed
+        assert [bool(mask.max() == 0) for mask in masks] == [not c for c in changed]
+    assert result.outputs["7"]["text"] == [TASK_TOKENS[pretext]]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sampler semantics through the server (no VAE)
+
+
+def test_anchors_at_strength_zero_change_nothing_and_at_half_steer_the_edit(tiny):
+    plain = _saved_latent(tiny.run(_latent_edit_prompt(_unique("sama_anchor0"), seed=11), timeout=120))
+    zero = _saved_latent(tiny.run(_latent_edit_prompt(_unique("sama_anchor1"), seed=11, anchor_strength=0.0),
+                                  timeout=120))
+    half = _saved_latent(tiny.run(_latent_edit_prompt(_unique("sama_anchor2"), seed=11, anchor_strength=0.5),
+                                  timeout=120))
+    assert plain.shape == (1, 16, 2, 4, 4)
+    torch.testing.assert_close(zero, plain, rtol=0, atol=0)
+    assert (half - plain).abs().max() > 1e-3
+
+
+def test_sharded_wan_base_plus_sama_file_equals_the_merged_file(tiny):
+    """dit_name = the first shard of a sharded Wan2.1 base (as ComfyUI lists it), sama_weights = the SAMA
+    parts: the same edit, bit for bit, as the merged file."""
+    merged = _saved_latent(tiny.run(_latent_edit_prompt(_unique("sama_merged"), seed=5), timeout=120))
+    layered = _saved_latent(tiny.run(_latent_edit_prompt(_unique("sama_layered"), seed=5, dit=BASE_SHARD,
+                                                         sama_weights=SAMA_ONLY), timeout=120))
+    torch.testing.assert_close(layered, merged, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Invalid inputs: a clean error in the node, and the server keeps serving
+
+
+def test_a_two_frame_source_without_the_4k_plus_1_node_fails_in_the_sampler(tiny):
+    video = _unique("sama_two_frames") + ".mp4"
+    _write_video(tiny.input_path(video), [60, 180], (32, 32), SOURCE_FPS)
+    workflow = load_workflow("tiny_demo_api.json")
+    workflow["1"]["inputs"]["file"] = video
+    workflow["4"]["inputs"]["image"] = ["2", 0]  # skip SAMA Frames To 4k+1
+    workflow["13"]["inputs"]["count"] = 2
+    del workflow["3"]
+
+    with pytest.raises(PromptFailed) as failed:
+        tiny.run(workflow, timeout=120)
+
+    error = failed.value.result.error
+    assert (error["node_id"], error["node_type"]) == (SAMPLER_NODE, "SamaSampler")
+    assert error["exception_type"].endswith("SamaInputError")
+    assert "the source has 2 frames; SAMA needs 4k+1 frames" in error["exception_message"]
+    assert "insert 'SAMA Frames To 4k+1' before this node" in error["exception_message"]
+    _assert_still_serving(tiny)
+
+
+def test_a_non_sama_file_as_the_dit_says_what_the_file_is(tiny):
+    with pytest.raises(PromptFailed) as failed:
+        tiny.run(_latent_edit_prompt(_unique("sama_wrong_file"), dit=NOT_A_DIT), timeout=120)
+
+    error = failed.value.result.error
+    assert (error["node_id"], error["node_type"]) == ("2", "SamaLoadModel")
+    assert error["exception_type"].endswith("SamaModelFileError")
+    assert "is not a Wan2.1/SAMA DiT file: it looks like a Wan VAE" in error["exception_message"]
+    assert NOT_A_DIT in error["exception_message"]
+    _assert_still_serving(tiny)
+
+
+@pytest.mark.parametrize("instruction", ["", "  \n "])
+def test_an_empty_instruction_fails_in_the_text_encoder(tiny, instruction):
+    with pytest.raises(PromptFailed) as failed:
+        tiny.run(_latent_edit_prompt(_unique("sama_empty"), instruction=instruction), timeout=120)
+
+    error = failed.value.result.error
+    assert (error["node_id"], error["node_type"]) == ("3", "SamaTextEncodeFile")
+    assert error["exception_type"].endswith("SamaInputError")
+    assert error["exception_message"].startswith("The edit instruction is empty.")
+    _assert_still_serving(tiny)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Progress and interrupt, as the frontend sees them (websocket messages)
+
+
+def _run_watching_websocket(host, prompt, on_message=None, timeout=120.0) -> tuple[str, list[dict]]:
+    """Queue `prompt` with a websocket open, as the frontend does; returns (prompt id, the JSON messages
+    of that prompt up to its execution_success / _error / _interrupted). on_message(message, prompt_id)
+    is called for each one (e.g. to press interrupt)."""
+    aiohttp = pytest.importorskip("aiohttp")  # a ComfyUI requirement
+    client_id = uuid.uuid4().hex
+    done = {"execution_success", "execution_error", "execution_interrupted"}
+
+    async def watch():
+        url = f"{host.base_url}/ws?clientId={client_id}"
+        async with aiohttp.ClientSession(trust_env=False) as session, session.ws_connect(url) as ws:
+            prompt_id = await asyncio.to_thread(host.queue, prompt, client_id)
+            messages = []
+            async for frame in ws:
+                if frame.type != aiohttp.WSMsgType.TEXT:
+                    continue  # binary frames are preview images
+                message = json.loads(frame.data)
+                if message.get("data", {}).get("prompt_id") != prompt_id:
+                    continue
+                messages.append(message)
+                if on_message is not None:
+                    await asyncio.to_thread(on_message, message, prompt_id)
+                if message["type"] in done:
+                    return prompt_id, messages
+            raise AssertionError(f"the websocket closed before the prompt finished: {messages}")
+
+    return asyncio.run(asyncio.wait_for(watch(), timeout))
+
+
+def test_sama_sampler_reports_progress_per_step(tiny):
+    steps = 4
+    _prompt_id, messages = _run_watching_websocket(
+        tiny, _latent_edit_prompt(_unique("sama_progress"), seed=21, steps=steps))
+
+    assert messages[-1]["type"] == "execution_success"
+    progress = [m["data"] for m in messages if m["type"] == "progress" and m["data"]["node"] == "4"]
+    assert [(p["value"], p["max"]) for p in progress] == [(step, steps) for step in range(1, steps + 1)]
+
+
+def test_interrupt_stops_sama_sampler_between_steps(tiny):
+    steps = 1000  # far more than it runs before the interrupt lands
+
+    def interrupt_after_first_step(message, prompt_id):
+        if message["type"] == "progress" and message["data"]["node"] == "4" and message["data"]["value"] == 1:
+            tiny.interrupt(prompt_id)
+
+    prompt_id, messages = _run_watching_websocket(
+        tiny, _latent_edit_prompt(_unique("sama_interrupt"), seed=22, steps=steps),
+        on_message=interrupt_after_first_step, timeout=60)
+
+    assert messages[-1]["type"] == "execution_interrupted"
+    assert messages[-1]["data"]["node_id"] == "4"
+    last_step = max(m["data"]["value"] for m in messages
+                    if m["type"] == "progress" and m["data"]["node"] == "4")
+    assert 1 <= last_step < steps
+    result = tiny.wait(prompt_id, timeout=30)
+    assert result.interrupted and result.files() == []
+    _assert_still_serving(tiny)
