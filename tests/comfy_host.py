@@ -617,7 +617,9 @@ def comfy_server(tmp_path_factory):
     comfyui_dir = find_comfyui()
     if comfyui_dir is None:
         pytest.skip(skip_reason_without_comfyui())
-    host = ComfyHost(comfyui_dir, workdir=tmp_path_factory.mktemp("comfy_host"))
+    # latent2rgb previews: the SAMA Sampler's live previews are part of what the tests check.
+    host = ComfyHost(comfyui_dir, workdir=tmp_path_factory.mktemp("comfy_host"),
+                     extra_args=("--preview-method", "latent2rgb"))
     try:
         host.start()
         yield host

@@ -336,10 +336,10 @@ def test_an_empty_instruction_fails_in_the_text_encoder(tiny, instruction):
 # Progress and interrupt, as the frontend sees them (websocket messages)
 
 
-def _run_watching_websocket(host, prompt, on_message=None, timeout=120.0) -> tuple[str, list[dict]]:
+def _run_watching_websocket(host, prompt, on_message=None, timeout=120.0, previews=None) -> tuple[str, list[dict]]:
     """Queue `prompt` with a websocket open, as the frontend does; returns (prompt id, the JSON messages
     of that prompt up to its execution_success / _error / _interrupted). on_message(message, prompt_id)
-    is called for each one (e.g. to press interrupt)."""
+    is called for each one (e.g. to press interrupt); binary frames (preview images) go to `previews`."""
     aiohttp = pytest.importorskip("aiohttp")  # a ComfyUI requirement
     client_id = uuid.uuid4().hex
     done = {"execution_success", "execution_error", "execution_interrupted"}
@@ -350,8 +350,10 @@ def _run_watching_websocket(host, prompt, on_message=None, timeout=120.0) -> tup
             prompt_id = await asyncio.to_thread(host.queue, prompt, client_id)
             messages = []
             async for frame in ws:
+                if frame.type == aiohttp.WSMsgType.BINARY and previews is not None:
+                    previews.append(frame.data)  # preview images
                 if frame.type != aiohttp.WSMsgType.TEXT:
-                    continue  # binary frames are preview images
+                    continue
                 message = json.loads(frame.data)
                 if message.get("data", {}).get("prompt_id") != prompt_id:
                     continue
@@ -365,10 +367,15 @@ def _run_watching_websocket(host, prompt, on_message=None, timeout=120.0) -> tup
     return asyncio.run(asyncio.wait_for(watch(), timeout))
 
 
-def test_sama_sampler_reports_progress_per_step(tiny):
+def test_sama_sampler_reports_progress_and_previews_per_step(tiny):
     steps = 4
+    previews = []
     _prompt_id, messages = _run_watching_websocket(
-        tiny, _latent_edit_prompt(_unique("sama_progress"), seed=21, steps=steps))
+        tiny, _latent_edit_prompt(_unique("sama_progress"), seed=21, steps=steps), previews=previews)
+    # The session server runs with --preview-method latent2rgb: one JPEG preview per step (ComfyUI's binary
+    # frame: 4-byte event type, 4-byte image type, then the image).
+    jpegs = [p for p in previews if p[8:10] == b"\xff\xd8"]
+    assert len(jpegs) >= steps
 
     assert messages[-1]["type"] == "execution_success"
     progress = [m["data"] for m in messages if m["type"] == "progress" and m["data"]["node"] == "4"]
