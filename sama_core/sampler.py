@@ -177,6 +177,7 @@ def make_windowed_denoiser(model, source, cond, uncond, opts: SamplerOptions, nu
     return denoise
 
 
+@torch.no_grad()
 def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
            source: Optional[torch.Tensor] = None, target_shape=None,
            options: Optional[SamplerOptions] = None, anchor_tokens: Optional[torch.Tensor] = None,
