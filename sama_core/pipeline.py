@@ -63,6 +63,26 @@ class EditResult:
     comparison: Optional[Path] = None
 
 
+def read_bundle_spec(manifest: Path) -> dict:
+    """bundle.json, validated: file entries are relative paths (strings), defaults/card are objects."""
+    try:
+        spec = json.loads(manifest.read_text())
+    except ValueError as e:
+        raise SamaInputError(f"{manifest} is not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise SamaInputError(f"{manifest} must hold a JSON object naming the model files")
+    for key in ("dit", "vae", "text_encoder", "tokenizer", "siglip"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise SamaInputError(f"{manifest}: '{key}' must be a file name relative to the bundle folder")
+    for key in ("defaults", "card"):
+        if not isinstance(spec.get(key, {}), dict):
+            raise SamaInputError(f"{manifest}: '{key}' must be a JSON object")
+    heads = spec.get("siglip_num_heads")
+    if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool) or heads < 1):
+        raise SamaInputError(f"{manifest}: 'siglip_num_heads' must be a positive integer")
+    return spec
+
+
 def resolve_dtype(name_or_dtype) -> torch.dtype:
     if isinstance(name_or_dtype, torch.dtype):
         return name_or_dtype
@@ -136,7 +156,7 @@ class SamaPipeline:
         if not manifest.exists():
             raise SamaFileNotFoundError(f"{folder} is not a SAMA model bundle (no {BUNDLE_FILE}); pass --model "
                                         "a bundle folder or --model DIT --vae VAE --text-encoder TE")
-        spec = json.loads(manifest.read_text())
+        spec = read_bundle_spec(manifest)
         paths = {k: (str(folder / spec[k]) if spec.get(k) else None)
                  for k in ("dit", "vae", "text_encoder", "tokenizer", "siglip")}
         missing = [k for k in ("dit", "vae", "text_encoder") if not paths[k]]

@@ -55,7 +55,7 @@ def resolve_bundle(requested, out: Path) -> tuple[Path, bool]:
 
 
 def run(args) -> int:
-    from ..pipeline import EditSettings, SamaPipeline
+    from ..pipeline import EditSettings, SamaPipeline, read_bundle_spec
     from ..video import side_by_side, write_video
     from .edit import progress_bar
     start = time.perf_counter()
@@ -66,9 +66,7 @@ def run(args) -> int:
         print("note: the trained SAMA-Shapes model is not bundled yet; this demo runs the full pipeline with "
               "tiny RANDOM weights, so the output will not look like the requested edit.")
     pipe = SamaPipeline.from_bundle(bundle, device="cpu", dtype="fp32")
-    card = {}
-    import json
-    card = json.loads((bundle / "bundle.json").read_text()).get("card", {})
+    card = read_bundle_spec(bundle / "bundle.json").get("card", {})
     prompt = args.prompt or card.get("demo_prompt", DEFAULT_PROMPT)
     source = args.video or (SAMPLE_CLIP if SAMPLE_CLIP.exists() else None)
     if source is None:
