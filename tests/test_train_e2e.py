@@ -1,0 +1,175 @@
+"""End to end on the tiny workspace (tiny random UMT5 / Wan VAE / SigLIP / Wan base, synthetic clips):
+the cache step (contents against the encoders, resume, stale settings, a corrupt video), stage 0 and
+stage 1 through the CLI from raw data, raw and cached training agreeing, validation files."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sama_core.anchors import AnchorEncoder
+from sama_core.loading import load_dit
+from sama_core.text import load_text_encoder
+from sama_core.vae import WanVAE
+from train.__main__ import main
+from train.cache import CACHE_INDEX, build_cache, shard_name
+from train.config import load_config
+from train.data import RawMediaDataset, build_index, derive_seed
+from train.loop import DIT_FILE, FINAL_DIR, train
+from train.tiny import make_tiny_workspace
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_ws")
+    return make_tiny_workspace(root)
+
+
+def config(ws, name, *overrides):
+    return load_config(ws[name], list(overrides))
+
+
+def subset(ws, tmp_path, raw=(), images=(), edits=()):
+    """A manifest with some rows of the workspace's manifests (fewer encodes: faster tests)."""
+    lines = []
+    for name, picks in (("raw_videos", raw), ("image_edits", images), ("video_edits", edits)):
+        rows = ws[name].read_text().splitlines()
+        lines += [rows[i] for i in picks]
+    path = ws["raw_videos"].parent / f"subset_{tmp_path.name}.jsonl"  # next to the media: relative paths work
+    path.write_text("\n".join(lines) + "\n")
+    return f"data.manifests=[{path}]"
+
+
+# -------------------------------------------------------------------------------------------- cache
+
+def test_cache_holds_exactly_what_the_encoders_compute(ws, tmp_path):
+    cfg = config(ws, "config_stage0_cached", f"data.cache_dir={tmp_path / 'cache'}",
+                 subset(ws, tmp_path, raw=[1], images=[0]))
+    cache = build_cache(cfg)
+    index = json.loads((cache / CACHE_INDEX).read_text())
+    assert len(index["samples"]) == 2 and index["skipped"] == [] and index["complete"]
+    by_kind = {}
+    for s in index["samples"]:
+        by_kind.setdefault(s["kind"], s)
+    raw, image = by_kind["raw_video"], by_kind["image_edit"]
+    assert raw["pretexts"] == ["none", "cube", "speed", "tube"] and image["pretexts"] == []
+
+    vae = WanVAE.from_file(cfg.resolve_path(cfg.encoders.vae))
+    text = load_text_encoder(cfg.resolve_path(cfg.encoders.text_encoder), dtype="fp32")
+    anchors = AnchorEncoder.from_file(cfg.resolve_path(cfg.encoders.siglip))
+    dataset = RawMediaDataset(build_index(cfg), cfg.data)
+
+    # an image edit: latents of target and source, the "[Video edit] " prompt's real rows, the target anchor
+    sid = image["id"]
+    loaded = dataset.load(sid, "-", derive_seed(cfg.seed, "cache", sid))
+    with safe_open(str(cache / image["shard"]), "pt") as f:
+        got = {k.split("/", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(f"{sid}/")}
+    assert set(got) == {"target", "source", "text", "semantic"}
+    frames = torch.stack([loaded["target"], loaded["source"]]).permute(0, 4, 1, 2, 3) * 2 - 1
+    torch.testing.assert_close(got["target"], vae.encode(frames[:1])[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["source"], vae.encode(frames[1:])[0], rtol=1e-5, atol=1e-5)
+    full = text.encode(["[Video edit] make the square blue"])[0]  # (512, 24), zeros after the real rows
+    n = got["text"].shape[0]
+    assert 1 < n < 512 and torch.equal(full[n:], torch.zeros_like(full[n:]))
+    torch.testing.assert_close(got["text"], full[:n], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["semantic"], anchors.encode(loaded["target"])[0], rtol=1e-5, atol=1e-5)
+    assert got["semantic"].shape == (65, 48)
+
+    # a raw video: the clean target, one perturbed source per pretext, a prompt per pretext
+    sid = raw["id"]
+    with safe_open(str(cache / raw["shard"]), "pt") as f:
+        keys = {k.split("/", 1)[1] for k in f.keys() if k.startswith(f"{sid}/")}
+        cube = f.get_tensor(f"{sid}/source/cube")
+        target = f.get_tensor(f"{sid}/target")
+    assert keys == {"target", "semantic", "source/cube", "source/speed", "source/tube", "text/none", "text/cube",
+                    "text/speed", "text/tube"}
+    assert cube.shape == target.shape and not torch.allclose(cube, target)
+    with safe_open(str(cache / "extras.safetensors"), "pt") as f:
+        negative = f.get_tensor("negative")
+    torch.testing.assert_close(negative, text.encode(["[Video edit]"])[0][: negative.shape[0]], rtol=1e-5, atol=1e-6)
+
+
+def test_cache_resumes_and_refuses_other_settings(ws, tmp_path):
+    cfg = config(ws, "config_stage0_cached", f"data.cache_dir={tmp_path / 'cache'}", "data.cache_shard_size=1",
+                 subset(ws, tmp_path, images=[0, 1, 2]))
+    cache = build_cache(cfg)
+    first = json.loads((cache / CACHE_INDEX).read_text())
+    kept = {n: (cache / shard_name(n)).stat().st_mtime_ns for n in (0, 2)}
+    (cache / shard_name(1)).unlink()                      # an interrupted run: one shard missing
+    (cache / f".{shard_name(1)}.tmp123").write_bytes(b"half")  # and its partial file
+    build_cache(cfg)
+    assert (cache / shard_name(1)).exists()
+    assert {n: (cache / shard_name(n)).stat().st_mtime_ns for n in (0, 2)} == kept  # not redone
+    assert json.loads((cache / CACHE_INDEX).read_text())["samples"] == first["samples"]
+    other = config(ws, "config_stage0_cached", f"data.cache_dir={tmp_path / 'cache'}", "data.cache_shard_size=1",
+                   subset(ws, tmp_path, images=[0, 1, 2]), "data.num_anchors=2")
+    with pytest.raises(ValueError, match="built with other data/encoder settings"):
+        build_cache(other)
+
+
+def test_cache_skips_and_reports_a_corrupt_video(ws, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(ws["raw_videos"].parent / "raw", data / "raw")
+    (data / "raw" / "broken.mp4").write_bytes(b"not a video at all" * 50)
+    rows = [{"video": f"raw/clip{i}.mp4", "caption": "a square"} for i in (1, 2)]
+    rows.insert(1, {"video": "raw/broken.mp4", "caption": "broken"})
+    (data / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config(ws, "config_stage0_cached", f"data.cache_dir={tmp_path / 'cache'}",
+                 f"data.manifests=[{data / 'm.jsonl'}]")
+    cache = build_cache(cfg)
+    index = json.loads((cache / CACHE_INDEX).read_text())
+    assert len(index["samples"]) == 2
+    assert len(index["skipped"]) == 1 and "m.jsonl:2" in index["skipped"][0]
+
+
+# ---------------------------------------------------------------------------------------- training
+
+def test_stage0_then_stage1_through_the_cli_from_raw_data(ws, capsys):
+    assert main(["stage0", "--config", str(ws["config_stage0"]), "train.max_steps=2", "checkpoint.every=2"]) == 0
+    root = ws["config_stage0"].parent
+    export = root / "runs" / "stage0" / FINAL_DIR / DIT_FILE
+    model = load_dit(export)
+    assert model.config.has_sama and model.config.siglip_dim == 48
+    rows = [json.loads(x) for x in (root / "runs" / "stage0" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    # stage 1 (its config's init_from is stage 0's export), resumable with --resume latest
+    assert main(["stage1", "--config", str(ws["config_stage1"]), "train.max_steps=2", "checkpoint.every=1",
+                 "--resume", "latest"]) == 0
+    stage1 = root / "runs" / "stage1"
+    assert (stage1 / FINAL_DIR / DIT_FILE).exists() and (stage1 / "checkpoint-2").is_dir()
+    assert "finished at step 2" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_configs_without_a_traceback(ws, capsys):
+    assert main(["stage0", "--config", str(ws["config_stage0"]), "train.max_step=2"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.max_step'" in err and "max_steps" in err and "Traceback" not in err
+    assert main(["stage0", "--config", str(ws["config_stage0"].parent / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_raw_and_cached_training_agree_and_validation_writes_videos(ws, tmp_path):
+    common = ["train.max_steps=2", "checkpoint.every=2", "model.init_from=null", "model.preset=tiny",
+              "model.config={text_dim: 24, siglip_dim: 48, siglip_hidden_dim: 40, dim: 64, ffn_dim: 96, "
+              "num_heads: 2, freq_dim: 32}"]
+    common.append(subset(ws, tmp_path, edits=[0, 1, 2, 3]))
+    raw = config(ws, "config_stage1", f"output_dir={tmp_path / 'raw'}", "validation.every=2", "validation.steps=2",
+                 *common)
+    cached = config(ws, "config_stage1", f"output_dir={tmp_path / 'cached'}", f"data.cache_dir={tmp_path / 'c'}",
+                    *common)
+    build_cache(cached)
+    raw_run, cached_run = train(raw), train(cached)
+    for a, b in zip(raw_run.history, cached_run.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    videos = sorted((tmp_path / "raw" / "validation" / "step-0000002").iterdir())
+    assert [v.name for v in videos] == ["sample-0.mp4"] and videos[0].stat().st_size > 0

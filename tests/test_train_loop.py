@@ -1,0 +1,322 @@
+"""train.loop / ema / checkpoint / modeling on a feature cache written by the test (no encoders needed):
+EMA formula, overfitting one batch, gradient-accumulation equivalence, a full run with checkpoints and
+export, exact resume after a crash, checkpoint rotation, stage 1 from stage 0's export, fresh SAMA parts
+on a Wan base, and (slow) two processes against one."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sama_core.loading import load_dit, save_dit
+from sama_core.model import SamaDiT
+from tiny_models import TINY, TINY_WAN, randomize, tiny_dit
+from train import checkpoint as ckpt
+from train.cache import cache_fingerprint, write_feature_cache
+from train.config import config_from_dict
+from train.ema import EMA
+from train.loop import DIT_FILE, FINAL_DIR, optimizer_step, train
+from train.modeling import build_dit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def small_dit():
+    """The tiny DiT with small random weights (trains stably at a high learning rate)."""
+    return randomize(SamaDiT(TINY), seed=0, std=0.05)
+
+
+def random_samples(n_edit=4, n_raw=4, frames=3, seed=0):
+    """Cached-feature samples of the tiny DiT's widths: edits with a source, raw videos with all pretexts."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (TINY.in_dim, frames, 4, 4)
+
+    def r(*s):
+        return torch.randn(*s, generator=g)
+    samples = []
+    for i in range(n_edit):
+        samples.append({"kind": "video_edit", "bucket": f"edit-{4 * frames - 3}x32x32", "target": r(*shape),
+                        "source": r(*shape), "text": r(5 + i, TINY.text_dim), "semantic": r(65, TINY.siglip_dim),
+                        "valid_latent_frames": frames - (i == 3)})  # one sample with a padded last latent frame
+    for i in range(n_raw):
+        s = {"kind": "raw_video", "bucket": f"raw-{4 * frames - 3}x32x32", "target": r(*shape),
+             "semantic": r(65, TINY.siglip_dim)}
+        for p in ("cube", "speed", "tube"):
+            s[f"source/{p}"] = r(*shape)
+        for p in ("none", "cube", "speed", "tube"):
+            s[f"text/{p}"] = r(4 + i, TINY.text_dim)
+        samples.append(s)
+    return samples
+
+
+def loop_config(tmp_path, name="run", cache="cache", **sections):
+    values = {
+        "output_dir": str(tmp_path / name), "seed": 0,
+        "model": {"config": TINY.to_dict(), "gradient_checkpointing": False},
+        "data": {"cache_dir": str(tmp_path / cache), "num_workers": 0},
+        "train": {"batch_size": 2, "max_steps": 4, "mixed_precision": "no"},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "ema": {"decay": 0.9},
+        "checkpoint": {"every": 2, "keep": 5},
+        "log": {"every": 1, "tensorboard": False, "progress_bar": False},
+        "export": {"dtype": "fp32"},
+    }
+    for section, updates in sections.items():
+        values[section] = {**values.get(section, {}), **updates} if isinstance(updates, dict) else updates
+    return config_from_dict(values)
+
+
+def write_cache(cfg, samples=None):
+    negative = torch.randn(3, TINY.text_dim, generator=torch.Generator().manual_seed(9))
+    return write_feature_cache(cfg.resolve_path(cfg.data.cache_dir), samples or random_samples(),
+                               cache_fingerprint(cfg), negative, shard_size=3)
+
+
+# ------------------------------------------------------------------------------------------------ EMA
+
+def test_ema_follows_its_formula():
+    layer = torch.nn.Linear(3, 2)
+    ema = EMA(layer.named_parameters(), decay=0.9998)
+    start = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    expected = dict(start)
+    for k in range(3):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(torch.full_like(p, 0.5 * (k + 1)))
+        ema.update(layer.named_parameters())
+        for n, p in layer.named_parameters():
+            expected[n] = 0.9998 * expected[n] + (1 - 0.9998) * p.detach()
+    for n in expected:
+        assert ema.shadow[n].dtype == torch.float32
+        torch.testing.assert_close(ema.shadow[n], expected[n], rtol=0, atol=1e-7)
+
+
+def test_ema_keeps_fp32_on_cpu_swaps_and_round_trips():
+    layer = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    layer.bias.requires_grad_(False)
+    ema = EMA(layer.named_parameters(), decay=0.5, device="cpu")
+    assert set(ema.shadow) == {"weight"} and ema.shadow["weight"].dtype == torch.float32
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    ema.update(layer.named_parameters())
+    raw = layer.weight.detach().clone()
+    with ema.swapped_in(layer.named_parameters):
+        torch.testing.assert_close(layer.weight.float(), ema.shadow["weight"].to(torch.bfloat16).float())
+    assert torch.equal(layer.weight, raw)
+    other = EMA(layer.named_parameters(), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.shadow["weight"], ema.shadow["weight"])
+    with pytest.raises(ValueError, match="does not match"):
+        other.load_state_dict({"bias": torch.zeros(4)})
+
+
+# --------------------------------------------------------------------------------- optimizer steps
+
+def cached_batch(tmp_path, items):
+    from train.cache import CachedFeatureDataset, collate_features
+    from train.data import BatchItem
+    cfg = loop_config(tmp_path)
+    write_cache(cfg)
+    ds = CachedFeatureDataset(cfg.resolve_path(cfg.data.cache_dir))
+    return collate_features([ds[BatchItem(i, "-", 1000 + i)] for i in items])
+
+
+def test_a_few_steps_overfit_a_fixed_batch(tmp_path):
+    from accelerate import Accelerator
+    cfg = loop_config(tmp_path)
+    batch = cached_batch(tmp_path, [0, 1])
+    accelerator = Accelerator(cpu=True)
+    model = small_dit().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    params = list(model.parameters())
+    losses = [optimizer_step(accelerator, model, optimizer, [batch], cfg, lambda b: b, params)["loss_sums"][0].item()
+              for _ in range(25)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    from accelerate import Accelerator
+    batch = cached_batch(tmp_path, [0, 1])
+    halves = [{k: (v[i:i + 1] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()} for i in (0, 1)]
+    results = []
+    for accum, micro in ((2, halves), (1, [batch])):
+        reset_accelerate()
+        cfg = loop_config(tmp_path, train={"gradient_accumulation_steps": accum, "batch_size": 2 // accum})
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accum)
+        model = small_dit().train()
+        # SGD: the update is linear in the gradient, so this compares the accumulated gradients themselves
+        # (AdamW would divide tiny rounding differences by tiny second moments)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        for _ in range(3):
+            optimizer_step(accelerator, model, optimizer, micro, cfg, lambda b: b, list(model.parameters()))
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    changed = 0
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=0, atol=1e-6)
+        changed += not torch.equal(results[0][name], small_dit().state_dict()[name])
+    assert changed > 10
+
+
+# ---------------------------------------------------------------------------------------- full runs
+
+def test_training_run_logs_checkpoints_and_exports(tmp_path):
+    cfg = loop_config(tmp_path)
+    write_cache(cfg)
+    result = train(cfg)
+    assert result.step == 4 and [r["step"] for r in result.history] == [1, 2, 3, 4]
+    for row in result.history:
+        assert all(torch.isfinite(torch.tensor(row[k])) for k in ("loss", "loss_video", "loss_semantic"))
+        assert row["loss"] == pytest.approx(row["loss_video"] + 0.1 * row["loss_semantic"], rel=1e-5)
+        assert row["samples_per_s"] > 0 and row["skipped"] == 0
+    assert [r["lr"] for r in result.history] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])  # 2 warm-up steps
+    lines = (cfg.output_path / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+    assert [s for s, _ in ckpt.list_checkpoints(cfg.output_path)] == [2, 4]
+    # the export is the EMA of the last checkpoint, loadable as a DiT
+    model = load_dit(cfg.output_path / FINAL_DIR / DIT_FILE)
+    ema = load_file(str(cfg.output_path / "checkpoint-4" / "ema.safetensors"))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, ema[name]), name
+    raw = load_file(str(cfg.output_path / "checkpoint-4" / "model.safetensors"))
+    assert not torch.equal(raw["head.head.weight"], ema["head.head.weight"])
+
+
+def test_bf16_mixed_precision_trains_and_exports_bf16(tmp_path):
+    fp32 = loop_config(tmp_path, name="fp32", train={"max_steps": 2})
+    write_cache(fp32)
+    bf16 = loop_config(tmp_path, name="bf16", train={"max_steps": 2, "mixed_precision": "bf16"},
+                       export={"dtype": "bf16"})
+    reference = train(fp32)
+    reset_accelerate()  # one process, one precision: accelerate's state is per process
+    result = train(bf16)
+    for a, b in zip(reference.history, result.history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.02)  # autocast rounding only
+    raw = load_file(str(bf16.output_path / "checkpoint-2" / "model.safetensors"))
+    assert raw["head.head.weight"].dtype == torch.float32  # master weights stay fp32
+    model = load_dit(result.export / DIT_FILE)
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
+    cfg = loop_config(tmp_path, name="straight")
+    write_cache(cfg)
+    train(cfg)
+
+    crashed = loop_config(tmp_path, name="crashed")
+
+    def crash(step):
+        if step == 3:  # after checkpoint-2, in the middle of the next interval
+            raise KeyboardInterrupt("simulated kill")
+    with pytest.raises(KeyboardInterrupt):
+        train(crashed, on_step=crash)
+    assert [s for s, _ in ckpt.list_checkpoints(crashed.output_path)] == [2]
+    result = train(crashed, resume="latest")
+    assert result.step == 4 and [r["step"] for r in result.history] == [3, 4]
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(str(cfg.output_path / "checkpoint-4" / name))
+        b = load_file(str(crashed.output_path / "checkpoint-4" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    straight_log = [json.loads(x) for x in (cfg.output_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    resumed_log = [json.loads(x) for x in (crashed.output_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in resumed_log if r["step"] >= 3][-2:] == [r["loss"] for r in straight_log[2:]]
+
+
+def test_keep_last_checkpoints_and_ignore_partial_ones(tmp_path):
+    cfg = loop_config(tmp_path, train={"max_steps": 6}, checkpoint={"every": 1, "keep": 2})
+    write_cache(cfg)
+    train(cfg)
+    assert [s for s, _ in ckpt.list_checkpoints(cfg.output_path)] == [5, 6]
+    (cfg.output_path / ".tmp-checkpoint-7").mkdir()         # a crash during a save
+    (cfg.output_path / "checkpoint-8").mkdir()              # a folder without trainer_state.json
+    assert ckpt.resolve_resume(cfg.output_path, "latest") == cfg.output_path / "checkpoint-6"
+    assert ckpt.resolve_resume(tmp_path / "nowhere", "latest") is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.resolve_resume(cfg.output_path, str(cfg.output_path / "checkpoint-8"))
+    # resuming a finished run with a higher max_steps continues from its last checkpoint
+    more = loop_config(tmp_path, train={"max_steps": 7}, checkpoint={"every": 1, "keep": 2})
+    assert train(more, resume="latest").history[0]["step"] == 7
+
+
+def test_stage1_starts_from_the_stage0_export(tmp_path):
+    stage0 = loop_config(tmp_path, name="s0", stage="stage0")
+    write_cache(stage0)
+    exported = train(stage0).export / DIT_FILE
+    stage1 = loop_config(tmp_path, name="s1", stage="stage1", model={"init_from": str(exported), "config": None},
+                         train={"max_steps": 2})
+    built = build_dit(stage1)
+    assert built.fresh_modules == []
+    reference = load_dit(exported).state_dict()
+    for name, value in built.model.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+    result = train(stage1)
+    assert result.step == 2 and (result.export / DIT_FILE).exists()
+
+
+def test_a_wan_base_gets_fresh_sama_parts(tmp_path):
+    base = tiny_dit(TINY_WAN, seed=3)
+    save_dit(base, tmp_path / "base.safetensors", TINY_WAN)
+    cfg = loop_config(tmp_path, model={"init_from": str(tmp_path / "base.safetensors"), "config": None})
+    built = build_dit(cfg)
+    assert built.fresh_modules == ["segment_embedding", "siglip_feat_mlp", "semantic_head"]
+    model = built.model
+    assert model.config.has_sama and model.config.siglip_dim == TINY.siglip_dim  # from the file's metadata
+    assert torch.equal(model.segment_embedding.weight, torch.zeros_like(model.segment_embedding.weight))
+    for name, value in base.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert all(not p.is_meta for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    """Two CPU processes (gloo) vs one process, global batch 4 either way. `accelerate launch --cpu` starts a
+    single process unless MPI is set up, so the two processes come from the torchrun launcher
+    (`--multi_gpu`) with ACCELERATE_USE_CPU=1."""
+    runs = {}
+    for name, processes, batch in (("one", 1, 4), ("two", 2, 2)):
+        cfg = loop_config(tmp_path, name=name, train={"batch_size": batch, "max_steps": 3},
+                          checkpoint={"every": 3}, ema={"enabled": False})
+        if name == "one":
+            write_cache(cfg, random_samples(n_edit=8, n_raw=0))
+        config_path = tmp_path / f"{name}.yaml"
+        import yaml
+        config_path.write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "base_dir"}))
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+                   *(["--multi_gpu"] if processes > 1 else []), "--num_machines", "1", "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "-m", "train", "stage1", "--config", str(config_path)]
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                   "ACCELERATE_USE_CPU": "1", "PYTHONPATH": REPO})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"{processes} process" in proc.stderr
+        runs[name] = cfg.output_path
+    logs = {n: [json.loads(x) for x in (p / "logs" / "metrics.jsonl").read_text().splitlines()] for n, p in runs.items()}
+    for a, b in zip(logs["one"], logs["two"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    one = load_file(str(runs["one"] / FINAL_DIR / DIT_FILE))
+    two = load_file(str(runs["two"] / FINAL_DIR / DIT_FILE))
+    # AdamW divides each gradient element by its running RMS, so where a gradient is ~0 the different
+    # summation order of two processes can move a weight by a fraction of one step (lr = 1e-3): allow 10%.
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=0, atol=1e-4)

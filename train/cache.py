@@ -1,0 +1,350 @@
+"""The feature cache: VAE latents, text rows and SigLIP anchor tokens precomputed into safetensors shards,
+so training holds only the DiT (and its optimizer) in memory.
+
+Layout of `data.cache_dir`:
+    data_index.json            the probed sample index (manifest rows, buckets)
+    shard-00000.safetensors    samples [0, S), S = data.cache_shard_size; tensors named "<id>/<what>":
+                                 <id>/target                  (16, T, h, w) target latents
+                                 <id>/source                  (16, T, h, w) source latents (edits)
+                                 <id>/source/<pretext>        perturbed-source latents (raw videos)
+                                 <id>/text  or <id>/text/<pretext>   (L, text_dim) real token rows only
+                                 <id>/semantic                (65 N, siglip_dim) anchor tokens
+                               and in the metadata, "samples": JSON of each sample's kind, bucket, valid
+                               latent frames and pretexts, and "skipped": the rows that failed to decode.
+    extras.safetensors         the negative prompt's rows (for validation sampling)
+    cache_index.json           written last: every cached sample, its shard and bucket; "fingerprint"
+                               ties the cache to the settings that built it.
+
+Resumable: a shard is written to a temporary name and renamed when complete, and existing shards are
+skipped, so an interrupted `cache` run continues where it stopped. Under `accelerate launch`, shard k
+is written by process k % num_processes.
+
+Raw videos are cached with one fixed draw of every perturbing pretext in the mix (cube position, tube
+permutation chosen once per sample, from the sample's seed); at training time the batch's pretext picks
+which cached source (and task-token prompt) to use, and "none" uses no source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sama_core.errors import SamaInputError
+from sama_core.pretext import NO_PRETEXT
+from sama_core.prompts import negative_prompt
+
+from .data import (LOAD_ERRORS, RAW_VIDEO, DataIndex, derive_seed, index_key, load_or_build_index, make_source,
+                   pretext_names_in, prompt_for, RawMediaDataset)
+from .features import DTYPES, FeatureEncoders, latent_frames_of, pad_rows, valid_latent_frames
+
+log = logging.getLogger(__name__)
+
+CACHE_INDEX = "cache_index.json"
+CACHE_VERSION = 1
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.safetensors"
+
+
+def cache_fingerprint(cfg) -> str:
+    """Settings (and manifest contents) that change the cached features: a cache built with others is refused."""
+    settings = cfg.fingerprint("data.bucket_area", "data.bucket_multiple", "data.buckets", "data.frame_buckets",
+                           "data.frame_stride", "data.clip_start", "data.resize_mode", "data.semantic_anchoring",
+                           "data.num_anchors", "data.pretext_mix", "data.edit_prefix", "data.cache_dtype",
+                           "data.manifests", "encoders", "seed")
+    return hashlib.sha256((settings + index_key(cfg)).encode()).hexdigest()[:16]
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def encode_sample(dataset: RawMediaDataset, encoders: FeatureEncoders, index: int, seed: int,
+                  pretexts: list[str], store: torch.dtype) -> tuple[dict, dict]:
+    """Tensors ("<what>" names) and metadata of one sample."""
+    sample = dataset.index.samples[index]
+    raw = sample.row.kind == RAW_VIDEO
+    loaded = dataset.load(index, NO_PRETEXT if raw else "-", seed)
+    target = loaded["target"]  # (F, H, W, 3) in [0, 1]
+    tensors, texts = {}, {}
+    if raw:
+        perturbing = [p for p in pretexts if p != NO_PRETEXT]
+        sources = [make_source(target, p, torch.Generator().manual_seed(derive_seed(seed, "pretext", p)))
+                   for p in perturbing]
+        frames = torch.stack([target, *sources]).permute(0, 4, 1, 2, 3) * 2.0 - 1.0  # (1 + P, 3, F, H, W)
+        latents = encoders.latents(frames)
+        tensors["target"] = latents[0]
+        for p, lat in zip(perturbing, latents[1:], strict=True):
+            tensors[f"source/{p}"] = lat
+        prompts = {p: prompt_for(sample, p, dataset.cfg.edit_prefix) for p in pretexts}
+        for p, rows in zip(prompts, encoders.text_rows(list(prompts.values())), strict=True):
+            texts[f"text/{p}"] = rows
+    else:
+        frames = torch.stack([target, loaded["source"]]).permute(0, 4, 1, 2, 3) * 2.0 - 1.0  # (2, 3, F, H, W)
+        latents = encoders.latents(frames)
+        tensors["target"], tensors["source"] = latents[0], latents[1]
+        texts["text"] = encoders.text_rows([loaded["prompt"]])[0]
+    tensors.update(texts)
+    if loaded["anchors"] is not None:
+        tensors["semantic"] = encoders.anchor_tokens(loaded["anchors"][None])[0]
+    tensors = {k: v.detach().to("cpu", store).contiguous() for k, v in tensors.items()}
+    valid = int(valid_latent_frames(torch.tensor([loaded["valid_frames"]]))[0])
+    meta = {"kind": sample.row.kind, "bucket": sample.bucket.key, "valid_latent_frames": valid,
+            "latent_frames": latent_frames_of(sample.bucket.frames), "where": sample.row.where,
+            "pretexts": pretexts if raw else []}
+    return tensors, meta
+
+
+def save_shard(path: Path, number: int, entries: list[tuple[int, dict, dict]], skipped: list[str]) -> None:
+    """Write one shard atomically: entries are (sample id, {what: tensor}, metadata)."""
+    tensors, samples = {}, []
+    for sid, parts, meta in entries:
+        samples.append({"id": sid, **meta})
+        tensors.update({f"{sid}/{name}": t.contiguous() for name, t in parts.items()})
+    if not tensors:  # safetensors needs at least one tensor; an all-failed shard still marks itself done
+        tensors["empty"] = torch.zeros(1)
+    _atomic_save(tensors, path, {"samples": json.dumps(samples), "skipped": json.dumps(skipped),
+                                 "shard": str(number)})
+
+
+def write_shard(dataset, encoders, number: int, indices: list[int], path: Path, seed: int,
+                pretexts: list[str], store: torch.dtype) -> dict:
+    entries, skipped = [], []
+    for index in indices:
+        try:
+            parts, meta = encode_sample(dataset, encoders, index, derive_seed(seed, "cache", index), pretexts, store)
+        except LOAD_ERRORS as e:
+            where = dataset.index.samples[index].row.where
+            skipped.append(f"{where}: {e}")
+            log.warning("cache: skipped %s (%s)", where, e)
+            continue
+        entries.append((index, parts, meta))
+    save_shard(path, number, entries, skipped)
+    return {"samples": len(entries), "skipped": len(skipped)}
+
+
+def write_feature_cache(cache_dir, samples: list[dict], fingerprint: str, negative: torch.Tensor,
+                        shard_size: int = 64) -> Path:
+    """A cache from features computed elsewhere (another encoder pipeline, or a test).
+
+    samples: dicts with "kind" ("video_edit" | "image_edit" | "raw_video"), "bucket" (any string; samples of
+    one bucket must share shapes), "target" (16, T, h, w), "source" (edits) or "source/<pretext>" (raw),
+    "text" (edits) or "text/<pretext>" (raw, "none" included), optional "semantic" (N, width),
+    optional "valid_latent_frames" (default T). negative: (L, text_dim) rows of the negative prompt.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for sid, s in enumerate(samples):
+        parts = {k: v for k, v in s.items() if isinstance(v, torch.Tensor)}
+        frames = s["target"].shape[1]
+        pretexts = sorted({k.split("/", 1)[1] for k in parts if k.startswith("text/")})
+        meta = {"kind": s["kind"], "bucket": s["bucket"], "valid_latent_frames": int(s.get("valid_latent_frames", frames)),
+                "latent_frames": frames, "where": s.get("where", f"sample {sid}"), "pretexts": pretexts}
+        entries.append((sid, parts, meta))
+    shards = [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)]
+    for n, chunk in enumerate(shards):
+        save_shard(cache_dir / shard_name(n), n, chunk, [])
+    _atomic_save({"negative": negative.contiguous()}, cache_dir / "extras.safetensors", {})
+    _write_cache_index(cache_dir, len(shards), fingerprint, {}, [])
+    return cache_dir
+
+
+def build_cache(cfg, accelerator=None, progress: bool = True) -> Path:
+    """Run the whole cache step (this process's shards); the main process writes cache_index.json last."""
+    if not cfg.data.cache_dir:
+        raise SamaInputError("data.cache_dir is not set: say where the feature cache goes")
+    cache_dir = cfg.resolve_path(cfg.data.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    rank = accelerator.process_index if accelerator else 0
+    world = accelerator.num_processes if accelerator else 1
+    device = accelerator.device if accelerator else torch.device("cpu")
+    fingerprint = cache_fingerprint(cfg)
+    _refuse_stale(cache_dir, fingerprint)
+
+    if rank == 0:
+        index = load_or_build_index(cfg, cache_dir / "data_index.json")
+    if accelerator:
+        accelerator.wait_for_everyone()
+    if rank != 0:
+        index = load_or_build_index(cfg, cache_dir / "data_index.json")
+
+    # Each distinct row is cached once, even when a manifest repeats it.
+    unique = _unique_rows(index)
+    size = cfg.data.cache_shard_size
+    shards = [unique[i:i + size] for i in range(0, len(unique), size)]
+    mine = [n for n in range(len(shards)) if n % world == rank]
+    todo = [n for n in mine if not (cache_dir / shard_name(n)).exists()]
+    log.info("cache: %d samples in %d shards; process %d writes %d (%d already done)",
+             len(unique), len(shards), rank, len(todo), len(mine) - len(todo))
+    if todo:
+        encoders = FeatureEncoders.from_config(cfg, device=device)
+        dataset = RawMediaDataset(index, cfg.data)
+        pretexts = pretext_names_in(cfg.data.pretext_mix)
+        store = DTYPES[cfg.data.cache_dtype]
+        bar = _progress(len(todo), progress and rank == 0)
+        for n in todo:
+            stats = write_shard(dataset, encoders, n, shards[n], cache_dir / shard_name(n), cfg.seed, pretexts,
+                                store)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(stats)
+        if bar is not None:
+            bar.close()
+        if rank == 0 and not (cache_dir / "extras.safetensors").exists():
+            rows = encoders.text_rows([negative_prompt(None, cfg.data.edit_prefix)])[0]
+            _atomic_save({"negative": rows.to("cpu", store).contiguous()}, cache_dir / "extras.safetensors", {})
+    if accelerator:
+        accelerator.wait_for_everyone()
+    if rank == 0:
+        _write_cache_index(cache_dir, len(shards), fingerprint, _repeats(index), list(index.skipped))
+    if accelerator:
+        accelerator.wait_for_everyone()
+    return cache_dir
+
+
+def _unique_rows(index: DataIndex) -> list[int]:
+    seen, out = set(), []
+    for i, s in enumerate(index.samples):
+        key = (s.row.manifest, s.row.line)
+        if key not in seen:
+            seen.add(key)
+            out.append(i)
+    return out
+
+
+def _refuse_stale(cache_dir: Path, fingerprint: str) -> None:
+    index_file = cache_dir / CACHE_INDEX
+    if index_file.exists():
+        saved = json.loads(index_file.read_text())
+        if saved.get("fingerprint") != fingerprint:
+            raise SamaInputError(
+                f"the cache in {cache_dir} was built with other data/encoder settings (fingerprint "
+                f"{saved.get('fingerprint')} != {fingerprint}); use a new data.cache_dir, or delete the old one")
+
+
+def _write_cache_index(cache_dir: Path, num_shards: int, fingerprint: str, repeats: dict, skipped: list) -> None:
+    """skipped: (where, reason) of the rows the index could not probe; shards add their decode failures."""
+    samples, skipped = [], [f"{where}: {reason}" for where, reason in skipped]
+    for n in range(num_shards):
+        path = cache_dir / shard_name(n)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        for s in json.loads(meta["samples"]):
+            samples.append({**s, "shard": path.name, "repeat": repeats.get(s["id"], 1)})
+        skipped.extend(json.loads(meta["skipped"]))
+    if not samples:
+        raise SamaInputError(f"the cache in {cache_dir} holds no sample: every row failed ({skipped[:3]})")
+    data = {"version": CACHE_VERSION, "fingerprint": fingerprint, "complete": True, "samples": samples,
+            "skipped": skipped}
+    tmp = cache_dir / f".{CACHE_INDEX}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, cache_dir / CACHE_INDEX)
+    log.info("cache complete: %d samples, %d skipped -> %s", len(samples), len(skipped), cache_dir)
+
+
+def _repeats(index: DataIndex) -> dict:
+    counts: dict = {}
+    first: dict = {}
+    for i, s in enumerate(index.samples):
+        key = (s.row.manifest, s.row.line)
+        first.setdefault(key, i)
+        counts[first[key]] = counts.get(first[key], 0) + 1
+    return counts
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="cache shards", unit="shard")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+class CachedFeatureDataset(torch.utils.data.Dataset):
+    """Feature samples from a complete cache, for `BatchItem`s of the same batch plan as raw data."""
+
+    def __init__(self, cache_dir, fingerprint: Optional[str] = None):
+        self.cache_dir = Path(cache_dir)
+        index_file = self.cache_dir / CACHE_INDEX
+        if not index_file.exists():
+            raise SamaInputError(f"no complete feature cache in {self.cache_dir} ({CACHE_INDEX} is missing): run "
+                                 "`python -m train cache --config CONFIG` first (it resumes if interrupted)")
+        data = json.loads(index_file.read_text())
+        if fingerprint is not None and data.get("fingerprint") != fingerprint:
+            raise SamaInputError(f"the cache in {self.cache_dir} was built with other data/encoder settings; rebuild "
+                                 "it (`python -m train cache`) into a new data.cache_dir")
+        # Repeated manifest rows were cached once; they come back `repeat` times here.
+        self.samples = [s for s in data["samples"] for _ in range(s.get("repeat", 1))]
+        self.skipped = data["skipped"]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def bucket_members(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for i, s in enumerate(self.samples):
+            out.setdefault(s["bucket"], []).append(i)
+        return out
+
+    def negative_rows(self) -> torch.Tensor:
+        with safe_open(str(self.cache_dir / "extras.safetensors"), framework="pt") as f:
+            return f.get_tensor("negative").float()
+
+    def __getitem__(self, item) -> dict:
+        s = self.samples[item.index]
+        sid = s["id"]
+        with safe_open(str(self.cache_dir / s["shard"]), framework="pt") as f:
+            def get(name):
+                return f.get_tensor(f"{sid}/{name}").float()
+            names = set(f.keys())
+            if s["kind"] == RAW_VIDEO:
+                pretext = item.pretext
+                if pretext not in s["pretexts"]:
+                    raise SamaInputError(f"the cache has no '{pretext}' variant of {s['where']}: it was built with "
+                                         f"pretexts {s['pretexts']}; rebuild it with the current data.pretext_mix")
+                source = None if pretext == NO_PRETEXT else get(f"source/{pretext}")
+                text = get(f"text/{pretext}")
+            else:
+                source, text = get("source"), get("text")
+            semantic = get("semantic") if f"{sid}/semantic" in names else None
+            target = get("target")
+        return {"index": item.index, "target": target, "source": source, "text": text, "semantic": semantic,
+                "valid_latent_frames": s["valid_latent_frames"], "seed": item.seed, "pretext": item.pretext,
+                "skipped": []}
+
+
+def collate_features(items: list[dict]) -> dict:
+    """Stack cached samples of one bucket into a feature batch (text rows zero-padded to the longest)."""
+    has_source = {it["source"] is not None for it in items}
+    if len(has_source) != 1:
+        raise SamaInputError("a batch mixes samples with and without a source video (a data-plan bug)")
+    semantic = [it["semantic"] for it in items]
+    return {
+        "target": torch.stack([it["target"] for it in items]),
+        "source": torch.stack([it["source"] for it in items]) if has_source.pop() else None,
+        "context": pad_rows([it["text"] for it in items]),
+        "semantic": torch.stack(semantic) if semantic[0] is not None else None,
+        "valid_latent_frames": torch.tensor([it["valid_latent_frames"] for it in items]),
+        "seeds": torch.tensor([it["seed"] for it in items], dtype=torch.int64),
+        "indices": [it["index"] for it in items],
+        "skipped": [s for it in items for s in it["skipped"]],
+        "pretext": items[0]["pretext"],
+    }

@@ -1,0 +1,109 @@
+"""SAMA's training objective (SAMA_REFERENCE.md sections 4-5): flow matching on the target latents plus
+an L1 term on the semantic tokens' velocity.
+
+For each sample, with one sigma shared by its video and semantic tokens:
+    x_sigma = (1 - sigma) x0 + sigma e          v* = e - x0        (target latents; the source stays clean)
+    s_sigma = (1 - sigma) s0 + sigma e_s        v_s* = e_s - s0    (SigLIP anchor tokens)
+    L = MSE(v_video, v*) over the real latent frames + 0.1 * L1(v_semantic, v_s*)
+Per-sample means first (each over its own real frames), then the mean over the batch, so a sample padded
+to a longer frame bucket weighs as much as any other.
+
+Sigma: t ~ U(0, 1] ("shift", the training counterpart of the sampler's shifted schedule) or
+t = sigmoid(N(mean, std)) ("logit_normal"), then shifted s t / (1 + (s - 1) t).
+Randomness: every sample's sigma and noise come from its own CPU generator seeded by the sample's seed
+(draw order: t, video noise, semantic noise), so a batch gives the same numbers on any device and for
+any number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import torch
+
+from sama_core.scheduler import add_noise, shift_sigmas, timesteps_of
+
+from .data import derive_seed
+
+
+@dataclasses.dataclass
+class NoiseDraw:
+    sigma: torch.Tensor                      # (B,) float32
+    noise: torch.Tensor                      # (B, 16, T, h, w)
+    semantic_noise: Optional[torch.Tensor]   # (B, N, siglip_dim)
+
+
+class LossParts(NamedTuple):
+    loss: torch.Tensor                       # scalar: video + weight * semantic
+    video: torch.Tensor                      # scalar masked MSE
+    semantic: torch.Tensor                   # scalar L1 (0 without semantic tokens)
+
+
+def sample_t(generator: torch.Generator, sigma_cfg) -> torch.Tensor:
+    """One t in (0, 1] (before the shift), as a 0-dim float32 tensor."""
+    if sigma_cfg.sampling == "logit_normal":
+        z = torch.randn((), generator=generator)
+        return torch.sigmoid(sigma_cfg.logit_mean + sigma_cfg.logit_std * z)
+    return 1.0 - torch.rand((), generator=generator)  # U(0, 1]: sigma = 0 (no noise) never comes up
+
+
+def draw_noise(seeds: torch.Tensor, target_shape, semantic_shape, sigma_cfg) -> NoiseDraw:
+    """Sigma and noise for each sample from its seed; shapes are the batch's (B, ...) shapes."""
+    sigmas, noises, sem_noises = [], [], []
+    for seed in seeds.tolist():
+        g = torch.Generator().manual_seed(derive_seed(seed, "noise"))
+        sigmas.append(shift_sigmas(sample_t(g, sigma_cfg), sigma_cfg.shift))
+        noises.append(torch.randn(tuple(target_shape[1:]), generator=g))
+        if semantic_shape is not None:
+            sem_noises.append(torch.randn(tuple(semantic_shape[1:]), generator=g))
+    return NoiseDraw(torch.stack(sigmas).float(), torch.stack(noises),
+                     torch.stack(sem_noises) if semantic_shape is not None else None)
+
+
+def latent_frame_mask(valid_latent_frames: torch.Tensor, num_latent_frames: int) -> torch.Tensor:
+    """(B,) counts -> (B, T) bool, True for latent frames that hold real (not padded) video frames."""
+    frames = torch.arange(num_latent_frames, device=valid_latent_frames.device)
+    return frames[None, :] < valid_latent_frames[:, None]
+
+
+def expand(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, ...) broadcastable against `like`."""
+    return sigma.reshape(-1, *([1] * (like.ndim - 1))).to(like)
+
+
+def noisy_inputs(batch: dict, draw: NoiseDraw):
+    """(x_sigma, s_sigma or None, timestep (B,)) for the DiT."""
+    x0, s0 = batch["target"], batch.get("semantic")
+    x = add_noise(x0, draw.noise.to(x0), expand(draw.sigma, x0))
+    s = None if s0 is None else add_noise(s0, draw.semantic_noise.to(s0), expand(draw.sigma, s0))
+    return x, s, timesteps_of(draw.sigma).to(x0.device)
+
+
+def flow_matching_loss(pred_video: torch.Tensor, pred_semantic: Optional[torch.Tensor], batch: dict,
+                       draw: NoiseDraw, semantic_weight: float = 0.1) -> LossParts:
+    x0 = batch["target"].float()
+    target_v = draw.noise.to(x0) - x0  # (B, 16, T, h, w)
+    mask = latent_frame_mask(batch["valid_latent_frames"].to(x0.device), x0.shape[2])  # (B, T)
+    weight = mask[:, None, :, None, None].to(x0)  # (B, 1, T, 1, 1)
+    squared = (pred_video.float() - target_v).pow(2) * weight
+    per_element = x0.shape[1] * x0.shape[3] * x0.shape[4]  # C * h * w values per latent frame
+    video = (squared.flatten(1).sum(1) / (mask.sum(1).to(x0) * per_element)).mean()
+    if pred_semantic is None:
+        semantic = video.new_zeros(())
+    else:
+        s0 = batch["semantic"].float()
+        semantic = (pred_semantic.float() - (draw.semantic_noise.to(s0) - s0)).abs().flatten(1).mean(1).mean()
+    return LossParts(video + semantic_weight * semantic, video, semantic)
+
+
+def training_loss(model, batch: dict, sigma_cfg, semantic_weight: float = 0.1,
+                  draw: Optional[NoiseDraw] = None) -> tuple[LossParts, NoiseDraw]:
+    """One forward of the DiT on a feature batch and its loss (the draw is made from the batch's seeds)."""
+    semantic = batch.get("semantic")
+    if draw is None:
+        draw = draw_noise(batch["seeds"], batch["target"].shape,
+                          None if semantic is None else semantic.shape, sigma_cfg)
+    x, s, timestep = noisy_inputs(batch, draw)
+    out = model(x, timestep, batch["context"], source=batch.get("source"), semantic_tokens=s)
+    return flow_matching_loss(out.video, out.semantic, batch, draw, semantic_weight), draw
