@@ -120,6 +120,12 @@ class SamaSampler(io.ComfyNode):
                              tooltip="Frames shared by neighbouring windows, blended linearly."),
                 io.Boolean.Input("batch_cfg", default=False, optional=True,
                                  tooltip="Run the CFG passes as one batch (faster on big GPUs, more memory)."),
+                io.Combo.Input("solver", options=["euler", "unipc"], default="euler", optional=True,
+                               tooltip="euler = the released sampler (exact). unipc = good results in 20-30 steps "
+                                       "(approximate)."),
+                io.Float.Input("cache_threshold", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Step caching: reuse the model's last result while the input barely "
+                                       "changes (0 = off; 0.05 mild, 0.15 aggressive; approximate)."),
             ],
             outputs=[io.Latent.Output(tooltip="The edited video's latent: connect VAE Decode.")],
         )
@@ -127,14 +133,16 @@ class SamaSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, seed, steps, cfg, shift, denoise, source_images=None, vae=None,
                 source_latent=None, source_scale=0.0, text_scale=0.0, anchors=None, anchor_strength=0.5,
-                window_frames=0, window_overlap_frames=16, batch_cfg=False) -> io.NodeOutput:
+                window_frames=0, window_overlap_frames=16, batch_cfg=False, solver="euler",
+                cache_threshold=0.0) -> io.NodeOutput:
         dit = sama_diffusion_model(model)
         raw_source = encode_source(source_images, vae, source_latent)
         two_scale = (source_scale or 0) > 0 or (text_scale or 0) > 0
         opts = SamplerOptions(
             steps=steps, guidance=cfg, shift=shift, seed=seed, denoise=denoise,
             source_guidance=source_scale if two_scale else None, text_guidance=text_scale if two_scale else None,
-            batch_cfg=batch_cfg, anchor_strength=anchor_strength if anchors is not None else 0.0,
+            batch_cfg=batch_cfg, solver=solver, cache_threshold=cache_threshold,
+            anchor_strength=anchor_strength if anchors is not None else 0.0,
             window_latent_frames=(window_frames - 1) // 4 + 1 if window_frames else None,
             window_overlap=max(1, window_overlap_frames // 4))
 

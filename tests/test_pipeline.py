@@ -182,3 +182,20 @@ def test_cli_fp8_option_runs(bundle, clip, tmp_path):
     assert cli(["edit", "--model", str(bundle), "--video", str(clip), "--prompt", "make it blue", "--out", str(out),
                 "--steps", "1", "--fp8", "row"]) == 0
     assert read_video(out)[0].shape[0] == 10
+
+
+def test_cli_fast_preset_uses_fewer_model_calls(bundle, clip, tmp_path, monkeypatch):
+    import sama_core.pipeline as pipeline_module
+    seen = []
+    original = pipeline_module.sample
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen.append((kwargs["options"], result.stats))
+        return result
+    monkeypatch.setattr(pipeline_module, "sample", spy)
+    assert cli(["edit", "--model", str(bundle), "--video", str(clip), "--prompt", "make it blue", "--out",
+                str(tmp_path / "fast.mp4"), "--fast", "--cfg", "4"]) == 0
+    options, stats = seen[0]
+    assert (options.steps, options.solver, options.batch_cfg, options.guidance) == (20, "unipc", True, 4.0)
+    assert options.cache_threshold == 0.05 and stats["model_calls"] <= 20

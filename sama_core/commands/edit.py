@@ -37,6 +37,11 @@ def add_sampling_args(p: argparse.ArgumentParser):
     s.add_argument("--source-scale", type=float, dest="source_guidance", help="two-scale CFG: source scale")
     s.add_argument("--text-scale", type=float, dest="text_guidance", help="two-scale CFG: text scale")
     s.add_argument("--batch-cfg", action="store_true", help="batch the CFG passes (faster on GPUs)")
+    s.add_argument("--solver", choices=["euler", "unipc"], help="euler (exact, default) or unipc (20-30 steps)")
+    s.add_argument("--cache", type=float, dest="cache_threshold",
+                   help="step caching threshold (approximate; 0.05 is mild, 0.15 aggressive)")
+    s.add_argument("--fast", action="store_true",
+                   help="fast preset: unipc 20 steps + step cache 0.05 + batched CFG (approximate)")
     s.add_argument("--window-frames", type=int, help="edit long videos in windows of this many frames (4k+1)")
     f = p.add_argument_group("frames")
     f.add_argument("--frames", help="frame range START:END of the source (end exclusive)")
@@ -122,10 +127,13 @@ def settings_from(args, **extra):
 
 def options_from(pipe, args, **extra):
     window = (args.window_frames - 1) // 4 + 1 if args.window_frames else None
-    return pipe.sampler_options(steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed,
-                                denoise=args.denoise, source_guidance=args.source_guidance,
-                                text_guidance=args.text_guidance, batch_cfg=args.batch_cfg or None,
-                                window_latent_frames=window, **extra)
+    from ..sampler import FAST_PRESET
+    preset = FAST_PRESET if args.fast else {}
+    chosen = dict(steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed, denoise=args.denoise,
+                  source_guidance=args.source_guidance, text_guidance=args.text_guidance,
+                  batch_cfg=args.batch_cfg or None, solver=args.solver, cache_threshold=args.cache_threshold,
+                  window_latent_frames=window, **extra)
+    return pipe.sampler_options(**{**preset, **{k: v for k, v in chosen.items() if v is not None}})
 
 
 def progress_bar():
