@@ -320,3 +320,27 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # summation order of two processes can move a weight by a fraction of one step (lr = 1e-3): allow 10%.
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=0, atol=1e-4)
+
+
+def test_disk_full_during_a_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+    cfg = loop_config(tmp_path, train={"max_steps": 4}, checkpoint={"every": 2, "keep": 3})
+    write_cache(cfg)
+    original = Accelerator.save_state
+
+    def full_disk_at_step_4(self, output_dir=None, **kwargs):
+        if "checkpoint-4" in str(output_dir):
+            original(self, output_dir, **kwargs)  # half of it lands, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, output_dir, **kwargs)
+    monkeypatch.setattr(Accelerator, "save_state", full_disk_at_step_4)
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"No space left.*checkpoint-2\) is intact.*--resume latest"):
+        train(cfg)
+    assert [s for s, _ in ckpt.list_checkpoints(cfg.output_path)] == [2]
+    assert not (cfg.output_path / ".tmp-checkpoint-4").exists()
+    monkeypatch.setattr(Accelerator, "save_state", original)
+    reset_accelerate()
+    result = train(cfg, resume="latest")  # space freed: continues from checkpoint-2
+    assert [r["step"] for r in result.history] == [3, 4]

@@ -23,7 +23,7 @@ from typing import Optional
 
 from safetensors.torch import load_file, save_file
 
-from sama_core.errors import SamaFileNotFoundError, SamaInputError
+from sama_core.errors import SamaError, SamaFileNotFoundError, SamaInputError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,27 @@ def _ema_file(ema, rank: int) -> str:
     return f"ema-rank{rank}.safetensors" if getattr(ema, "sharded", False) else "ema.safetensors"
 
 
+class CheckpointWriteError(SamaError, OSError):
+    """A checkpoint could not be written (disk full, permissions); the previous ones are intact."""
+
+
 def save_checkpoint(accelerator, output_dir, step: int, ema, state: dict, keep: int) -> Path:
+    """Write checkpoint-<step> atomically. If writing fails (e.g. the disk is full) the partial folder is
+    removed and a CheckpointWriteError names the last complete checkpoint, which stays loadable."""
+    try:
+        return _write_checkpoint(accelerator, output_dir, step, ema, state, keep)
+    except OSError as e:
+        tmp = Path(output_dir) / f".tmp-{PREFIX}{step}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        complete = list_checkpoints(output_dir)
+        last = complete[-1][1].name if complete else "none yet"
+        raise CheckpointWriteError(
+            f"could not write {PREFIX}{step} in {output_dir} ({e.strerror or e}); the last complete checkpoint "
+            f"({last}) is intact: free disk space, then continue with --resume latest") from e
+
+
+def _write_checkpoint(accelerator, output_dir, step: int, ema, state: dict, keep: int) -> Path:
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{step}"
     tmp = output_dir / f".tmp-{PREFIX}{step}"
