@@ -63,6 +63,48 @@ _SKIPPED_TOP_LEVEL = frozenset({
 _MODEL_FOLDERS = ("diffusion_models", "text_encoders", "vae", "clip_vision", "loras")
 
 
+# sitecustomize.py for the server process: no network but loopback (the tests' "no network at run time").
+NETWORK_GUARD = """
+import ipaddress, os, socket
+
+_log = os.environ.get("SAMA_NETWORK_GUARD_LOG")
+_connect, _connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+
+def _allowed(address):
+    if not isinstance(address, tuple):
+        return True  # unix sockets
+    host = address[0]
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _guard(sock, address):
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and not _allowed(address):
+        if _log:
+            with open(_log, "a") as f:
+                f.write(f"{address}\\n")
+        raise OSError(f"network disabled by the SAMA test guard: {address}")
+
+
+def connect(self, address):
+    _guard(self, address)
+    return _connect(self, address)
+
+
+def connect_ex(self, address):
+    _guard(self, address)
+    return _connect_ex(self, address)
+
+
+socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
+"""
+
+
 class ComfyHostError(RuntimeError):
     """The server could not be started, died, or did not answer."""
 
@@ -414,6 +456,13 @@ class ComfyHost:
         env = dict(os.environ)
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    HF_HUB_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
+        # A socket guard in the server process: connections to anything but loopback fail and are recorded.
+        guard_dir = self.workdir / "netguard"
+        guard_dir.mkdir(parents=True, exist_ok=True)
+        (guard_dir / "sitecustomize.py").write_text(NETWORK_GUARD)
+        self.network_attempts_path = guard_dir / "attempts.log"
+        env["SAMA_NETWORK_GUARD_LOG"] = str(self.network_attempts_path)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(guard_dir), env.get("PYTHONPATH", "")) if p)
         command = [
             sys.executable, "main.py", "--cpu",
             "--listen", "127.0.0.1", "--port", str(port),  # loopback only
@@ -427,6 +476,11 @@ class ComfyHost:
         self._process = subprocess.Popen(
             command, cwd=self.root, env=env, stdin=subprocess.DEVNULL, stdout=self._log_file,
             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+
+    def network_attempts(self) -> list[str]:
+        """Non-loopback connections the server tried (each refused by the guard)."""
+        path = getattr(self, "network_attempts_path", None)
+        return path.read_text().splitlines() if path is not None and path.exists() else []
 
     def _wait_until_ready(self, deadline: float) -> None:
         while True:

@@ -1,6 +1,7 @@
 """The pack inside a real ComfyUI server (see comfy_host.py): registration, schemas, prompts, errors."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -288,3 +289,17 @@ def test_interrupt_stops_a_running_prompt(comfy_server):
     assert re.fullmatch(r"[2-6]", str(interrupted_at["node_id"]))  # stopped inside the blur chain
     assert interrupted_at["node_id"] not in interrupted_at["executed"]
     assert "6" not in interrupted_at["executed"]  # the preview never ran
+
+
+@host_test
+def test_the_server_runs_behind_the_network_guard(comfy_server):
+    """The guard the server runs with really refuses non-loopback connections (checked in a process started
+    like the server: the same sitecustomize on PYTHONPATH)."""
+    guard = comfy_server.workdir / "netguard"
+    code = ("import socket\ntry:\n    socket.create_connection(('192.0.2.1', 80), timeout=1)\n"
+            "except OSError as e:\n    print('refused' if 'SAMA test guard' in str(e) else e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PYTHONPATH": str(guard),
+                              "SAMA_NETWORK_GUARD_LOG": str(guard / "probe.log")})
+    assert out.stdout.strip() == "refused", out
+    assert "192.0.2.1" in (guard / "probe.log").read_text()

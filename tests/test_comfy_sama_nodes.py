@@ -205,6 +205,9 @@ def test_tiny_workflow_edits_a_video_end_to_end(tiny, workflow):
     cached = {node for event, data in result.messages if event == "execution_cached"
               for node in data["nodes"]}
     assert SAMPLER_NODE not in cached  # the sampler really ran
+    # No network at run time: the server runs behind a socket guard that refuses (and records) every
+    # non-loopback connection, with HF_HUB_OFFLINE=1; the workflow succeeded without any attempt.
+    assert tiny.network_attempts() == []
 
 
 def test_pretext_preview_workflow_blanks_a_block_of_frames(tiny):
