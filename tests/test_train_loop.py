@@ -344,3 +344,61 @@ def test_disk_full_during_a_save_keeps_the_last_good_checkpoint(tmp_path, monkey
     reset_accelerate()
     result = train(cfg, resume="latest")  # space freed: continues from checkpoint-2
     assert [r["step"] for r in result.history] == [3, 4]
+
+
+SLOW_SAVE_RUNNER = r"""
+import sys, time
+from accelerate import Accelerator
+original = Accelerator.save_state
+
+def slow_save_state(self, output_dir=None, **kwargs):
+    result = original(self, output_dir, **kwargs)
+    if "checkpoint-4" in str(output_dir):
+        time.sleep(60)  # the test kills the process here, with checkpoint-4 half written
+    return result
+
+Accelerator.save_state = slow_save_state
+from train.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume_latest(tmp_path):
+    """A real SIGKILL while checkpoint-4 is being written: checkpoint-2 stays the latest complete one,
+    and `--resume latest` finishes the run with the same weights as an uninterrupted one."""
+    import signal
+    import time
+
+    import yaml
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    configs = {}
+    for name in ("straight", "killed"):  # both runs in subprocesses alike (same threads, same arithmetic)
+        cfg = loop_config(tmp_path, name=name, train={"max_steps": 6})
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "base_dir"}))
+    write_cache(cfg)
+    straight_dir = tmp_path / "straight"
+    run = subprocess.run([sys.executable, "-m", "train", "stage1", "--config", str(configs["straight"])],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    config_path = configs["killed"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE_RUNNER, "stage1", "--config", str(config_path)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    partial = cfg.output_path / ".tmp-checkpoint-4"
+    deadline = time.monotonic() + 240
+    while not (partial.exists() and any(partial.iterdir())):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached checkpoint-4"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stderr.close()
+    assert [s for s, _ in ckpt.list_checkpoints(cfg.output_path)] == [2]
+    assert ckpt.resolve_resume(cfg.output_path, "latest") == cfg.output_path / "checkpoint-2"
+    done = subprocess.run([sys.executable, "-m", "train", "stage1", "--config", str(config_path), "--resume",
+                           "latest"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [s for s, _ in ckpt.list_checkpoints(cfg.output_path)] == [2, 4, 6]
+    a = load_file(str(straight_dir / "checkpoint-6" / "model.safetensors"))
+    b = load_file(str(cfg.output_path / "checkpoint-6" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
