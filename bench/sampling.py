@@ -30,6 +30,7 @@ def main():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--size", type=int, default=32, help="latent side (pixels / 8)")
     p.add_argument("--frames", type=int, default=3, help="latent frames")
+    p.add_argument("--repeats", type=int, default=1, help="time each option this many times, keep the fastest")
     args = p.parse_args()
     torch.manual_seed(0)
     cfg = SamaConfig(dim=256, ffn_dim=768, num_heads=2, num_layers=4, text_dim=64, freq_dim=64)
@@ -41,17 +42,21 @@ def main():
     source = torch.randn(1, 16, args.frames, args.size, args.size, generator=g)
     cond, uncond = torch.randn(1, 20, 64, generator=g), torch.randn(1, 5, 64, generator=g)
 
-    def run(**opts):
-        start = time.perf_counter()
-        with torch.no_grad():
-            res = sample(model, cond, uncond, source=source, options=SamplerOptions(seed=3, **opts))
-        return res, time.perf_counter() - start
+    def run(options=None, **opts):
+        best = float("inf")
+        for _ in range(args.repeats):  # the fastest of N: other load on the machine only ever adds time
+            start = time.perf_counter()
+            res = sample(model, cond, uncond, source=source, options=options or SamplerOptions(seed=3, **opts))
+            best = min(best, time.perf_counter() - start)
+        return res, best
 
     exact, t_exact = run(steps=args.steps)
     print(f"device cpu, threads {torch.get_num_threads()}, tokens/pass {2 * args.frames * (args.size // 2) ** 2 + 65}")
-    print(f"{'option':38s} {'time s':>8s} {'evals':>6s} {'speed-up':>9s} {'rel. L2 diff':>13s} {'PSNR dB':>8s}")
+    # "speed-up" is measured wall time; "eval ratio" (model evaluations saved) does not depend on machine load.
+    print(f"{'option':38s} {'time s':>8s} {'evals':>6s} {'speed-up':>9s} {'eval ratio':>10s} {'rel. L2 diff':>13s} "
+          f"{'PSNR dB':>8s}")
     print(f"{'exact: euler ' + str(args.steps) + ' steps, cfg 5':38s} {t_exact:8.2f} {args.steps:6d} {1.0:9.2f} "
-          f"{0.0:13.4f} {'inf':>8s}")
+          f"{1.0:10.2f} {0.0:13.4f} {'inf':>8s}")
     variants = {
         "batched cfg": dict(steps=args.steps, batch_cfg=True),
         "unipc 30 steps": dict(steps=30, solver="unipc"),
@@ -59,20 +64,16 @@ def main():
         "step cache 0.05": dict(steps=args.steps, cache_threshold=0.05),
         "step cache 0.15": dict(steps=args.steps, cache_threshold=0.15),
         "unipc 30 + step cache 0.05": dict(steps=30, solver="unipc", cache_threshold=0.05),
-        "fast preset": None,
+        "fast preset (unipc 20 + cache 0.05 + batched cfg)": None,
     }
-
-    def run_preset():
-        start = time.perf_counter()
-        res = sample(model, cond, uncond, source=source, options=SamplerOptions.fast(seed=3))
-        return res, time.perf_counter() - start
     peak = float(exact.latents.max() - exact.latents.min())
     for name, opts in variants.items():
-        res, t = run(**opts) if name != "fast preset" else run_preset()
+        res, t = run(**opts) if opts is not None else run(SamplerOptions.fast(seed=3))
         diff = float((res.latents - exact.latents).norm() / exact.latents.norm())
         mse = float((res.latents - exact.latents).square().mean())
         psnr = 10 * math.log10(peak ** 2 / mse) if mse > 0 else float("inf")
-        print(f"{name:38s} {t:8.2f} {res.stats['model_calls']:6d} {t_exact / t:9.2f} {diff:13.4f} {psnr:8.1f}")
+        evals = res.stats["model_calls"]
+        print(f"{name:38s} {t:8.2f} {evals:6d} {t_exact / t:9.2f} {args.steps / evals:10.2f} {diff:13.4f} {psnr:8.1f}")
 
 
 if __name__ == "__main__":
