@@ -329,12 +329,12 @@ def check_keys(model_keys: Iterable[str], sd_keys: Iterable[str]) -> KeyReport:
 # ---------------------------------------------------------------------------------------------- building
 
 def build_model(config: SamaConfig, state_dict: dict, *, operations=None, attention_backend="auto",
-                device="cpu", strict: bool = True, fp8: str | None = None):
+                device="cpu", strict: bool = True, fp8: str | None = None, rope: str = "exact"):
     """Build on the meta device and assign the tensors (no second copy of the weights). With fp8
     ("tensor" / "row"), the block linears are fp8 `_scaled_mm` layers (see fp8.py)."""
     from .model import SamaDiT
     with torch.device("meta"):
-        model = SamaDiT(config, operations=operations, attention_backend=attention_backend)
+        model = SamaDiT(config, operations=operations, attention_backend=attention_backend, rope=rope)
     if fp8:
         from .fp8 import convert_block_linears
         convert_block_linears(model, fp8)
@@ -354,7 +354,8 @@ def describe_config(config: SamaConfig) -> str:
 
 
 def load_dit(paths, *, config=None, dtype: torch.dtype | None = None, device="cpu", operations=None,
-             attention_backend: str = "auto", allow_plain_wan: bool = False, fp8: str | None = None):
+             attention_backend: str = "auto", allow_plain_wan: bool = False, fp8: str | None = None,
+             rope: str = "exact"):
     """Load a SAMA DiT from any accepted layout. `paths`: one file, a folder, an index, or a list
     (base shards first, SAMA file last). A plain Wan2.1 file is refused unless `allow_plain_wan`.
     fp8 = "tensor" / "row": block linears stored in fp8 and run with torch._scaled_mm; fp8 files keep
@@ -374,7 +375,7 @@ def load_dit(paths, *, config=None, dtype: torch.dtype | None = None, device="cp
         from .fp8 import fp8_state_dict
         sd = fp8_state_dict(sd, weights.fp8_scales, fp8, dtype)
     model = build_model(cfg, sd, operations=operations, attention_backend=attention_backend, device=device,
-                        fp8=fp8)
+                        fp8=fp8, rope=rope)
     log.info("loaded %s from %s", describe_config(cfg), "; ".join(weights.formats))
     return model
 

@@ -25,7 +25,7 @@ import torch.utils.checkpoint
 from .attention import get_attention
 from .config import SamaConfig
 from .errors import SamaInputError
-from .rope import apply_rope, sequence_frequencies
+from .rope import apply_rope, apply_rope_real, real_frequencies, sequence_frequencies
 
 SEGMENT_SOURCE, SEGMENT_SEMANTIC, SEGMENT_TARGET = 0, 1, 2
 
@@ -100,8 +100,9 @@ class SelfAttention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.num_heads, -1)  # (B, L, dim) -> (B, L, heads, hd)
 
     def forward(self, x, freqs):
-        q = apply_rope(self.heads(self.norm_q(self.q(x))), freqs)  # (B, L, heads, hd)
-        k = apply_rope(self.heads(self.norm_k(self.k(x))), freqs)
+        rope = apply_rope if torch.is_tensor(freqs) else (lambda t, f: apply_rope_real(t, *f))  # exact | fast
+        q = rope(self.heads(self.norm_q(self.q(x))), freqs)  # (B, L, heads, hd)
+        k = rope(self.heads(self.norm_k(self.k(x))), freqs)
         return self.o(self.attention(q, k, self.heads(self.v(x))))  # (B, L, dim)
 
 
@@ -177,8 +178,11 @@ class SemanticHead(nn.Module):
 
 class SamaDiT(nn.Module):
     def __init__(self, config: SamaConfig, operations=nn, attention_backend: str = "auto",
-                 device=None, dtype=None):
+                 device=None, dtype=None, rope: str = "exact"):
         super().__init__()
+        if rope not in ("exact", "fast"):
+            raise SamaInputError(f"rope must be 'exact' (float64 complex, as released) or 'fast' (float32), got {rope}")
+        self.rope = rope
         self.config = cfg = config
         ops = operations if operations is not None else nn
         factory = dict(device=device, dtype=dtype)
@@ -274,6 +278,8 @@ class SamaDiT(nn.Module):
             x = x + self.segment_embedding(torch.cat(segments).to(x.device)).to(dtype)
 
         freqs = sequence_frequencies(self.config.head_dim, source_grid, num_semantic, target_grid, x.device)
+        if self.rope == "fast":
+            freqs = real_frequencies(freqs)  # (cos, sin) float32: compile-friendly, ~1e-7 relative difference
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, context, t_mod, freqs, use_reentrant=False)

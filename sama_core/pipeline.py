@@ -123,10 +123,11 @@ class SamaPipeline:
     def from_paths(cls, dit, vae, text_encoder, tokenizer=None, siglip=None, siglip_num_heads=None, device=None,
                    dtype="fp32",
                    attention_backend="auto", loras: Sequence[tuple] = (), offload: bool = False, fp8=None,
+                   rope: str = "exact",
                    vae_tiling: bool = False, defaults: Optional[dict] = None) -> "SamaPipeline":
         device = str(check_device(device or default_device()))
         dtype = resolve_dtype(dtype)
-        model = load_dit(dit, dtype=dtype, attention_backend=attention_backend, fp8=fp8)
+        model = load_dit(dit, dtype=dtype, attention_backend=attention_backend, fp8=fp8, rope=rope)
         for path, strength in loras:
             merge_lora(model, path, strength)
         if offload and str(device).startswith("cuda"):

@@ -79,3 +79,20 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     pairs = torch.view_as_complex(x.to(torch.float64).reshape(b, seq, heads, hd // 2, 2))
     rotated = torch.view_as_real(pairs * freqs.view(1, seq, 1, hd // 2)).flatten(3)  # (B, L, heads, hd)
     return rotated.to(x.dtype)
+
+
+def real_frequencies(freqs: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) tables (L, head_dim // 2) of complex rotations, for `apply_rope_real`."""
+    return freqs.real.to(dtype), freqs.imag.to(dtype)
+
+
+def apply_rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The same rotation of adjacent channel pairs in real float32 arithmetic (opt-in "fast" RoPE): no
+    complex or float64 ops, so torch.compile can fuse it; differs from `apply_rope` by float32 rounding.
+    Semantic tokens have cos = sin = 0, so their q and k are still exactly zero."""
+    b, seq, heads, hd = x.shape
+    pairs = x.float().reshape(b, seq, heads, hd // 2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.view(1, seq, 1, hd // 2), sin.view(1, seq, 1, hd // 2)
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return rotated.flatten(3).to(x.dtype)

@@ -160,3 +160,19 @@ def test_bad_inputs_get_clear_errors():
         SamaDiT(TINY, attention_backend="fast")
     with pytest.raises(SamaInputError, match="needs the 'flash-attn' package"):
         SamaDiT(TINY, attention_backend="flash_attn")
+
+
+def test_fast_rope_matches_exact_rope_and_keeps_semantic_qk_zero():
+    from sama_core.rope import apply_rope_real, real_frequencies
+    freqs = sequence_frequencies(32, source_grid=(2, 3, 3), num_semantic=4, target_grid=(2, 3, 3))
+    x = torch.randn(1, freqs.shape[0], 2, 32)
+    fast = apply_rope_real(x, *real_frequencies(freqs))
+    torch.testing.assert_close(fast, apply_rope(x, freqs), atol=1e-6, rtol=1e-6)
+    assert torch.count_nonzero(fast[:, 18:22]) == 0
+    inp = tiny_inputs()
+    with torch.no_grad():
+        exact = tiny_dit()(**inp)
+        approx = tiny_dit(rope="fast")(**inp)
+    torch.testing.assert_close(approx.video, exact.video, atol=1e-5, rtol=1e-5)
+    with pytest.raises(SamaInputError, match="rope must be"):
+        SamaDiT(TINY, rope="quick")

@@ -93,7 +93,7 @@ def test_step_cache_error_grows_with_threshold_on_the_exact_flow():
 
 @pytest.mark.slow
 def test_regionally_compiled_blocks_match_eager():
-    model = tiny_dit(seed=5)
+    model = tiny_dit(seed=5, rope="fast")  # real-valued RoPE: inductor cannot generate code for complex ops
     inp = tiny_inputs(frames=2, size=4)
     with torch.no_grad():
         eager = model(**inp)

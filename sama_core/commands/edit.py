@@ -25,6 +25,8 @@ def add_model_args(p: argparse.ArgumentParser):
     r.add_argument("--fp8", choices=["tensor", "row"], help="fp8 block linears via torch._scaled_mm (half the "
                    "memory; faster on Hopper/Ada; approximate). fp8 files are used without upcasting")
     r.add_argument("--vae-tiling", action="store_true", help="tiled VAE encode/decode (less memory)")
+    r.add_argument("--rope", default="exact", choices=["exact", "fast"],
+                   help="exact = float64 complex RoPE as released; fast = float32 real (torch.compile-friendly)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser):
@@ -104,7 +106,8 @@ def build_pipeline(args):
     from ..pipeline import SamaPipeline
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    common = dict(device=device, dtype=dtype, attention_backend=args.attention, offload=args.offload, fp8=args.fp8,
+    common = dict(device=device, dtype=dtype, attention_backend=args.attention, offload=args.offload,
+                  fp8=args.fp8, rope=args.rope,
                   vae_tiling=args.vae_tiling, loras=[parse_lora(s) for s in args.lora])
     models = args.model
     from pathlib import Path
