@@ -1,4 +1,3 @@
-import os
 import pathlib
 
 import pytest
@@ -9,12 +8,9 @@ GOLDEN = SHARED / "golden"
 
 
 def comfyui_dir():
-    """The real ComfyUI tree for host tests: $COMFYUI_DIR, else ../shared/ComfyUI when present."""
-    env = os.environ.get("COMFYUI_DIR")
-    if env:
-        return pathlib.Path(env)
-    default = SHARED / "ComfyUI"
-    return default if default.exists() else None
+    """The real ComfyUI tree for host tests: $COMFYUI_DIR, else ../shared/ComfyUI; None when absent (tests skip)."""
+    from comfy_host import find_comfyui
+    return find_comfyui()
 
 
 @pytest.fixture(scope="session")
