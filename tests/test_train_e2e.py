@@ -99,6 +99,34 @@ def test_cache_holds_exactly_what_the_encoders_compute(ws, tmp_path):
     torch.testing.assert_close(negative, text.encode(["[Video edit]"])[0][: negative.shape[0]], rtol=1e-5, atol=1e-6)
 
 
+def test_cache_encodes_a_shared_source_once_and_stores_it_for_every_edit(ws, tmp_path, monkeypatch):
+    from train.features import FeatureEncoders
+    encoded = []
+    original = FeatureEncoders.latents
+
+    def counting(self, frames):
+        encoded.append(frames.shape[0])
+        return original(self, frames)
+
+    monkeypatch.setattr(FeatureEncoders, "latents", counting)
+    # the same video edit twice (two rows, one source clip) and a second edit of another source
+    cfg = config(ws, "config_stage1", f"data.cache_dir={tmp_path / 'cache'}", subset(ws, tmp_path, edits=[0, 0, 1]))
+    cache = build_cache(cfg)
+    index = json.loads((cache / CACHE_INDEX).read_text())
+    assert [s["kind"] for s in index["samples"]] == ["video_edit"] * 3
+    assert sum(encoded) == 5  # 2 + 1 (the repeated row's source is not encoded again) + 2
+
+    vae = WanVAE.from_file(cfg.resolve_path(cfg.encoders.vae))
+    dataset = RawMediaDataset(build_index(cfg), cfg.data)
+    for s in index["samples"]:
+        loaded = dataset.load(s["id"], "-", derive_seed(cfg.seed, "cache", s["id"]))
+        with safe_open(str(cache / s["shard"]), "pt") as f:
+            source, target = f.get_tensor(f"{s['id']}/source"), f.get_tensor(f"{s['id']}/target")
+        frames = torch.stack([loaded["target"], loaded["source"]]).permute(0, 4, 1, 2, 3) * 2 - 1
+        torch.testing.assert_close(target, vae.encode(frames[:1])[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(source, vae.encode(frames[1:])[0], rtol=1e-5, atol=1e-5)
+
+
 def test_cache_resumes_and_refuses_other_settings(ws, tmp_path):
     cfg = config(ws, "config_stage0_cached", f"data.cache_dir={tmp_path / 'cache'}", "data.cache_shard_size=1",
                  subset(ws, tmp_path, images=[0, 1, 2]))

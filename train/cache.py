@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 CACHE_INDEX = "cache_index.json"
 CACHE_VERSION = 1
+SOURCE_MEMO_SIZE = 8
 
 
 def shard_name(number: int) -> str:
@@ -72,9 +73,15 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- writing
 
+def _frames_key(frames: torch.Tensor) -> str:
+    """Identity of decoded frames (a digest of their bytes): equal frames encode to equal latents."""
+    return hashlib.sha1(frames.contiguous().numpy().tobytes()).hexdigest() + str(tuple(frames.shape))
+
+
 def encode_sample(dataset: RawMediaDataset, encoders: FeatureEncoders, index: int, seed: int,
-                  pretexts: list[str], store: torch.dtype) -> tuple[dict, dict]:
-    """Tensors ("<what>" names) and metadata of one sample."""
+                  pretexts: list[str], store: torch.dtype, memo: Optional[dict] = None) -> tuple[dict, dict]:
+    """Tensors ("<what>" names) and metadata of one sample. memo: source latents of recent edit samples by
+    frame digest, so a clip with several edits (SAMA-Shapes has five) has its source encoded once."""
     sample = dataset.index.samples[index]
     raw = sample.row.kind == RAW_VIDEO
     loaded = dataset.load(index, NO_PRETEXT if raw else "-", seed)
@@ -93,9 +100,18 @@ def encode_sample(dataset: RawMediaDataset, encoders: FeatureEncoders, index: in
         for p, rows in zip(prompts, encoders.text_rows(list(prompts.values())), strict=True):
             texts[f"text/{p}"] = rows
     else:
-        frames = torch.stack([target, loaded["source"]]).permute(0, 4, 1, 2, 3) * 2.0 - 1.0  # (2, 3, F, H, W)
-        latents = encoders.latents(frames)
-        tensors["target"], tensors["source"] = latents[0], latents[1]
+        key = _frames_key(loaded["source"])
+        if memo is not None and key in memo:  # the same source clip as an earlier edit of this shard
+            tensors["target"] = encoders.latents(target.permute(3, 0, 1, 2)[None] * 2.0 - 1.0)[0]
+            tensors["source"] = memo[key].clone()  # safetensors refuses two names for one storage
+        else:
+            frames = torch.stack([target, loaded["source"]]).permute(0, 4, 1, 2, 3) * 2.0 - 1.0  # (2, 3, F, H, W)
+            latents = encoders.latents(frames)
+            tensors["target"], tensors["source"] = latents[0], latents[1]
+            if memo is not None:
+                if len(memo) >= SOURCE_MEMO_SIZE:
+                    memo.pop(next(iter(memo)))  # oldest first: edits of one clip are consecutive rows
+                memo[key] = latents[1]
         texts["text"] = encoders.text_rows([loaded["prompt"]])[0]
     tensors.update(texts)
     if loaded["anchors"] is not None:
@@ -122,10 +138,11 @@ def save_shard(path: Path, number: int, entries: list[tuple[int, dict, dict]], s
 
 def write_shard(dataset, encoders, number: int, indices: list[int], path: Path, seed: int,
                 pretexts: list[str], store: torch.dtype) -> dict:
-    entries, skipped = [], []
+    entries, skipped, memo = [], [], {}
     for index in indices:
         try:
-            parts, meta = encode_sample(dataset, encoders, index, derive_seed(seed, "cache", index), pretexts, store)
+            parts, meta = encode_sample(dataset, encoders, index, derive_seed(seed, "cache", index), pretexts, store,
+                                        memo)
         except LOAD_ERRORS as e:
             where = dataset.index.samples[index].row.where
             skipped.append(f"{where}: {e}")
