@@ -108,3 +108,53 @@ def test_more_processes_than_heads_is_refused(tmp_path):
 def test_without_a_process_group_the_error_says_how_to_launch():
     with pytest.raises(SamaInputError, match="torchrun"):
         SequenceParallel.from_world(device_type="cpu")
+
+
+# ------------------------------------------------------------------------------------ the edit command
+
+@pytest.fixture(scope="module")
+def bundle_and_clip(tmp_path_factory):
+    from sama_core.bundle import write_tiny_random_bundle
+    from sama_core.video import write_video
+    root = tmp_path_factory.mktemp("sp_cli")
+    bundle = write_tiny_random_bundle(root / "bundle")
+    g = torch.Generator().manual_seed(3)
+    clip = write_video(root / "clip.mp4", torch.rand(5, 32, 32, 3, generator=g), 8)
+    return bundle, clip
+
+
+def _edit_args(bundle, clip, out):
+    return ["edit", "--model", str(bundle), "--video", str(clip), "--prompt", "make the square red", "--out",
+            str(out), "--steps", "2", "--seed", "4"]
+
+
+@pytest.mark.slow
+def test_edit_command_under_torchrun_equals_one_process(bundle_and_clip, tmp_path):
+    from sama_core.__main__ import main as cli
+    from sama_core.video import read_video
+    bundle, clip = bundle_and_clip
+    assert cli(_edit_args(bundle, clip, tmp_path / "one.mp4")) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    import socket
+    with socket.socket() as free:  # torchrun's rendezvous port (0 is not accepted there)
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "sama_core", *_edit_args(bundle, clip, tmp_path / "two.mp4"), "--sequence-parallel"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, _ = read_video(tmp_path / "one.mp4")
+    two, _ = read_video(tmp_path / "two.mp4")
+    assert one.shape == two.shape
+    assert (one - two).abs().max() <= 1 / 255 + 1e-6  # same frames up to one 8-bit level of the H.264 encode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mp4", "two.mp4"]  # rank 1 wrote nothing here
+
+
+def test_sequence_parallel_without_torchrun_says_how_to_launch(bundle_and_clip, tmp_path, capsys, monkeypatch):
+    from sama_core.__main__ import main as cli
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    bundle, clip = bundle_and_clip
+    assert cli([*_edit_args(bundle, clip, tmp_path / "x.mp4"), "--sequence-parallel"]) != 0
+    assert "torchrun --nproc_per_node N" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()

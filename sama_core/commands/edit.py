@@ -25,6 +25,9 @@ def add_model_args(p: argparse.ArgumentParser):
     r.add_argument("--fp8", choices=["tensor", "row"], help="fp8 block linears via torch._scaled_mm (half the "
                    "memory; faster on Hopper/Ada; approximate). fp8 files are used without upcasting")
     r.add_argument("--vae-tiling", action="store_true", help="tiled VAE encode/decode (less memory)")
+    r.add_argument("--sequence-parallel", action="store_true",
+                   help="split the DiT's tokens across the processes of `torchrun --nproc_per_node N -m sama_core "
+                        "edit ...` (one GPU each; gloo on CPU); rank 0 writes the output")
     r.add_argument("--rope", default="exact", choices=["exact", "fast"],
                    help="exact = float64 complex RoPE as released; fast = float32 real (torch.compile-friendly)")
 
@@ -153,13 +156,57 @@ def progress_bar():
     return on_step
 
 
+def start_sequence_parallel(args):
+    """Join the torchrun process group; each process takes its own GPU. Returns the SequenceParallel."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from ..parallel import SequenceParallel
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise SamaInputError("--sequence-parallel needs several processes: launch with `torchrun "
+                             "--nproc_per_node N -m sama_core edit ... --sequence-parallel` (N GPUs)")
+    cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    if cuda:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(args.device)
+    else:
+        args.device = "cpu"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return SequenceParallel.from_world(device_type="cuda" if cuda else "cpu")
+
+
 def run(args) -> int:
+    sp = start_sequence_parallel(args) if args.sequence_parallel else None
+    try:
+        return _edit(args, sp)
+    finally:
+        if sp is not None:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _edit(args, sp) -> int:
     pipe = build_pipeline(args)
+    out, callback = args.out, progress_bar()
+    if sp is not None:
+        from ..parallel import enable_sequence_parallel
+        enable_sequence_parallel(pipe.dit, sp)
+        if sp.rank != 0:  # the same edit (same seed, same shapes) on every process; rank 0 writes it
+            import tempfile
+            from pathlib import Path
+            out = Path(tempfile.mkdtemp(prefix="sama-sp-")) / Path(args.out).name
+            callback = None
     settings = settings_from(args, negative=args.negative, use_prefix=not args.no_prefix,
                              anchor_image=args.anchor)
     options = options_from(pipe, args, anchor_strength=args.anchor_strength)
-    result = pipe.edit_file(args.video, args.prompt, args.out, settings, options, compare=args.compare,
-                            callback=progress_bar())
+    result = pipe.edit_file(args.video, args.prompt, out, settings, options,
+                            compare=args.compare and out == args.out, callback=callback)
+    if sp is not None and sp.rank != 0:
+        import shutil
+        shutil.rmtree(out.parent, ignore_errors=True)
+        return 0
     print(f"wrote {result.output} ({result.frames.shape[0]} frames, {result.frames.shape[2]}x"
           f"{result.frames.shape[1]}, {float(result.fps):g} fps)")
     if result.comparison:
