@@ -306,9 +306,15 @@ def load_config(path, overrides: list[str] = ()) -> TrainConfig:
     if not path.exists():
         raise SamaFileNotFoundError(f"config file not found: {path} (see train/configs/ for examples)")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:  # found by fuzz/fuzz_inputs.py train_config
+        raise SamaInputError(f"{path} is not a UTF-8 text file ({e.reason} at byte {e.start}): give the YAML "
+                             "training config, e.g. one of train/configs/") from None
     except yaml.YAMLError as e:
         raise SamaInputError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise SamaInputError(f"{path} holds a YAML {type(values).__name__}, not a mapping of settings: see "
+                             "train/configs/ for the layout")
     return config_from_dict(values, overrides, base_dir=path.resolve().parent)
 
 

@@ -184,6 +184,21 @@ first frame, **SAMA Anchor Encode (file)** encodes it with the bundle's small Si
 
 {_TINY_FILES}
 - `models/clip_vision/sama_tiny_siglip.safetensors` (bundle `siglip.safetensors`)""",
+    "sama_shapes_demo": """# SAMA-Shapes demo (the embedded trained tiny model)
+
+A real instruction edit on a CPU in seconds: the SAMA-14B edit graph with **SAMA-Shapes**, the tiny SAMA
+this pack ships (trained by its own `train/` on clips of moving coloured shapes; it edits 64x64 clips of
+circles, squares, triangles and stars and knows nothing else). 20 steps, cfg 1.
+
+**Model files**: none to download. The pack adds its bundled `sama_core/assets/sama-shapes/` folder to
+ComfyUI's model folders, so the loaders list `sama-shapes/dit.safetensors`,
+`sama-shapes/text_encoder.safetensors` and `sama-shapes/vae.safetensors` (the narrow VAE needs
+**SAMA Load VAE (any width)**).
+
+**Input**: copy `sama_core/assets/sama-shapes/sample.mp4` to `ComfyUI/input/sama_shapes_sample.mp4`
+(the clip the instruction was written for: an orange circle and a red square on black), or load another
+shapes clip and write your own instruction, e.g. "make the red square blue", "remove the star",
+"turn the circle into a triangle", "change the background to stripes".""",
     "tiny_demo_native_ksampler": f"""# SAMA tiny demo with the native KSampler (random weights)
 
 SAMA In-Context -> KSampler (euler / simple) -> SAMA Extract Latent, with the tiny bundle.
@@ -252,6 +267,26 @@ class WorkflowError(ValueError):
     """The workflow does not match the node definitions (unknown node type, input, output slot)."""
 
 
+def check_api_shape(api) -> None:
+    """The API format's structure: {node id: {"class_type": str, "inputs": {name: value or [id, slot]}}},
+    every link naming a node of the workflow. A clear WorkflowError otherwise (fuzzed: fuzz/fuzz_inputs.py)."""
+    if not isinstance(api, dict) or not api:
+        raise WorkflowError("an API workflow is a JSON object of nodes {id: {class_type, inputs}}; this file "
+                            "is not (a UI-format file has 'nodes' and 'links': export with 'Save (API)')")
+    for node_id, node in api.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            raise WorkflowError(f"node {node_id!r} has no 'class_type' string")
+        if not isinstance(node.get("inputs", {}), dict):
+            raise WorkflowError(f"node {node_id!r}: 'inputs' must be an object of input name -> value")
+        node.setdefault("inputs", {})
+        for input_name, value in node["inputs"].items():
+            if _is_link(value) and value[0] not in api:
+                raise WorkflowError(f"node {node_id!r} input {input_name!r} links to node {value[0]!r}, which "
+                                    "is not in the workflow")
+            if _is_link(value) and value[1] < 0:
+                raise WorkflowError(f"node {node_id!r} input {input_name!r} links to output slot {value[1]}")
+
+
 def _depths(api: dict) -> dict[str, int]:
     """Longest path from a node without inputs, per node: the column it is drawn in."""
     depths: dict[str, int] = {}
@@ -314,6 +349,7 @@ def api_to_ui(api: dict, object_info: dict, name: str = "workflow", note: str | 
     note: Markdown for a MarkdownNote above the graph (default: NOTES[name], if any).
     """
     note = NOTES.get(name) if note is None else note
+    check_api_shape(api)
     unknown = sorted({n["class_type"] for n in api.values()} - set(object_info))
     if unknown:
         raise WorkflowError(f"node types not in object_info: {unknown} (is the SAMA pack installed?)")
