@@ -8,8 +8,13 @@ testable without a ComfyUI install.
 
 import importlib
 import logging
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+# The embedded tiny model (issue 9) ships inside sama_core; ComfyUI's loaders list it from here.
+BUNDLED_ASSETS = Path(__file__).resolve().parents[1] / "sama_core" / "assets"
+BUNDLED_MODEL_KINDS = ("diffusion_models", "text_encoders", "vae", "clip_vision")
 
 # Submodules of this package that define nodes. Adding a node file is one line here.
 NODE_MODULES = (
@@ -60,10 +65,28 @@ def _with_valid_schema(node_classes):
     return valid
 
 
+def register_bundled_models(assets=BUNDLED_ASSETS):
+    """Make the shipped SAMA-Shapes bundle selectable in the loaders with no setup: its folder is added to
+    ComfyUI's diffusion_models / text_encoders / vae / clip_vision search paths, so the files appear as
+    "sama-shapes/dit.safetensors", "sama-shapes/vae.safetensors", ... (workflows/sama_shapes_demo.json)."""
+    import folder_paths  # only inside a ComfyUI process
+
+    if not (assets / "sama-shapes" / "bundle.json").is_file():
+        return False
+    for kind in BUNDLED_MODEL_KINDS:
+        folder_paths.add_model_folder_path(kind, str(assets))
+    return True
+
+
 async def comfy_entrypoint():
     """V3 entry point called by ComfyUI's custom-node loader; returns the pack's ComfyExtension."""
     # Imported here, not at module level: comfy_api only exists inside a ComfyUI process.
     from comfy_api.latest import ComfyExtension
+
+    try:
+        register_bundled_models()
+    except Exception:  # noqa: BLE001 - the nodes work without the bundled demo model
+        logger.exception("SAMA: could not add the bundled SAMA-Shapes model to the model folders")
 
     class SamaExtension(ComfyExtension):
         async def get_node_list(self):

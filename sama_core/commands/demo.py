@@ -54,6 +54,12 @@ def resolve_bundle(requested, out: Path) -> tuple[Path, bool]:
     return folder, False
 
 
+def bundle_clip(bundle: Path, card: dict):
+    """The bundle's own sample clip (card "demo_video"), the clip its demo prompt was written for."""
+    name = card.get("demo_video")
+    return bundle / name if name and (bundle / name).is_file() else None
+
+
 def run(args) -> int:
     from ..pipeline import EditSettings, SamaPipeline, read_bundle_spec
     from ..video import side_by_side, write_video
@@ -68,7 +74,7 @@ def run(args) -> int:
     pipe = SamaPipeline.from_bundle(bundle, device="cpu", dtype="fp32")
     card = read_bundle_spec(bundle / "bundle.json").get("card", {})
     prompt = args.prompt or card.get("demo_prompt", DEFAULT_PROMPT)
-    source = args.video or (SAMPLE_CLIP if SAMPLE_CLIP.exists() else None)
+    source = args.video or bundle_clip(bundle, card) or (SAMPLE_CLIP if SAMPLE_CLIP.exists() else None)
     if source is None:
         source = out / "source.mp4"
         write_video(source, synthetic_clip(), 8)
@@ -81,7 +87,7 @@ def run(args) -> int:
     from PIL import Image
     row = torch.cat(list(grid), dim=1)  # frames side by side horizontally
     Image.fromarray((row.clamp(0, 1) * 255).round().to(torch.uint8).numpy()).save(out / "compare.png")
-    print(f"instruction: {prompt}")
+    print(f"source video: {source}\ninstruction: {prompt}")
     print(f"edited video: {result.output}\nside by side: {result.comparison}\nframes: {out / 'compare.png'}")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
