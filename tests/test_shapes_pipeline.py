@@ -1,0 +1,403 @@
+"""SAMA-Shapes: the tiny VAE trainer (latent-statistics fold, unclamped decode, loss, deterministic batches,
+exact resume), the evaluation metrics against their baselines, the orchestrator's stage bookkeeping, and
+the whole tiny budget end to end (slow: every stage, resume, the bundle through the pipeline and the demo).
+"""
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sama_core.errors import SamaFileNotFoundError, SamaInputError
+from sama_core.vae import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
+from train import eval as ev
+from train import shapes
+from train.synthetic import SynthConfig, load_clip, write_dataset
+from train.vae_train import (
+    ClipPool,
+    VAEArchConfig,
+    VAELossConfig,
+    build_vae,
+    decode_unclamped,
+    fold_latent_normalisation,
+    latent_statistics,
+    reconstruction_loss,
+    train_vae,
+    vae_config_from_dict,
+)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    """3 held-out clips of 17 frames with all five edits."""
+    folder = tmp_path_factory.mktemp("heldout")
+    write_dataset(folder, 3, seed=0, split="heldout", video_format="npz")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def train_set(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train")
+    write_dataset(folder, 2, seed=0, split="train", config=SynthConfig(num_frames=9), video_format="npz",
+                  image_pairs=False)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+
+def _clip_tensor(frames):  # (F, H, W, 3) [0, 1] -> (1, 3, F, H, W) [-1, 1]
+    return frames.permute(3, 0, 1, 2)[None] * 2 - 1
+
+
+def test_decode_unclamped_is_diffusers_decode_without_the_clamp():
+    vae = build_vae(VAEArchConfig(base_dim=4), seed=0).eval()
+    z = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 4  # overshoots [-1, 1]
+    with torch.no_grad():
+        raw = decode_unclamped(vae, z)
+        reference = vae.decode(z).sample
+    assert raw.shape == (2, 3, 9, 32, 32)
+    assert raw.abs().max() > 1  # really unclamped
+    assert torch.equal(raw.clamp(-1, 1), reference)
+
+
+def test_latent_statistics_and_the_fold(train_set):
+    vae = build_vae(VAEArchConfig(base_dim=4), seed=0).eval()
+    clips = [load_clip(p) for p in ClipPool.from_datasets([train_set]).paths[:3]]
+    mean, std = latent_statistics(vae, clips)
+    with torch.no_grad():  # independent: every latent position of every clip, channel by channel
+        mus = torch.cat([vae.encode(_clip_tensor(c)).latent_dist.mean.transpose(0, 1).flatten(1) for c in clips],
+                        dim=1).double()  # (16, positions)
+        before = [vae.decode(vae.encode(_clip_tensor(c)).latent_dist.mean).sample for c in clips]
+    torch.testing.assert_close(mean, mus.mean(1))
+    torch.testing.assert_close(std, mus.std(1, unbiased=False))
+
+    scale, _ = fold_latent_normalisation(vae, mean, std)
+    torch.testing.assert_close(scale.double(), torch.tensor(WAN21_LATENTS_STD, dtype=torch.float64) / std,
+                               rtol=1e-6, atol=0)
+    with torch.no_grad():
+        after = [vae.decode(vae.encode(_clip_tensor(c)).latent_dist.mean).sample for c in clips]
+    for a, b in zip(before, after):  # the fold changes the latents, not what they decode to
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    folded_mean, folded_std = latent_statistics(vae, clips)
+    wan_mean = torch.tensor(WAN21_LATENTS_MEAN, dtype=torch.float64)
+    wan_std = torch.tensor(WAN21_LATENTS_STD, dtype=torch.float64)
+    # what sama_core's normalisation (z - mean_wan) / std_wan makes of them: zero mean, unit std per channel
+    torch.testing.assert_close((folded_mean - wan_mean) / wan_std, torch.zeros(16, dtype=torch.float64),
+                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(folded_std / wan_std, torch.ones(16, dtype=torch.float64), rtol=0, atol=1e-4)
+
+
+def test_reconstruction_loss_is_the_documented_formula():
+    g = torch.Generator().manual_seed(0)
+    recon, frames = torch.randn(2, 3, 5, 8, 8, generator=g), torch.rand(2, 3, 5, 8, 8, generator=g) * 2 - 1
+    mean, logvar = torch.randn(2, 16, 2, 1, 1, generator=g), torch.randn(2, 16, 2, 1, 1, generator=g)
+    weights = VAELossConfig(l1=0.5, mse=2.0, kl=0.1)
+    loss = reconstruction_loss(recon, frames, mean, logvar, weights)
+    n = frames.numel()
+    l1 = sum(abs(a - b) for a, b in zip(recon.flatten().tolist(), frames.flatten().tolist())) / n
+    mse = sum((a - b) ** 2 for a, b in zip(recon.flatten().tolist(), frames.flatten().tolist())) / n
+    kl = sum(0.5 * (m * m + math.exp(v) - 1 - v) for m, v in zip(mean.flatten().tolist(),
+                                                                 logvar.flatten().tolist())) / mean.numel()
+    assert float(loss.l1) == pytest.approx(l1, rel=1e-5)
+    assert float(loss.mse) == pytest.approx(mse, rel=1e-5)
+    assert float(loss.kl) == pytest.approx(kl, rel=1e-5)
+    assert float(loss.total) == pytest.approx(0.5 * l1 + 2.0 * mse + 0.1 * kl, rel=1e-5)
+
+
+def test_clip_pool_batches_are_windows_of_the_clips_and_a_function_of_the_step(train_set):
+    pool = ClipPool.from_datasets([train_set])
+    assert len(pool) == 2 + 2 * 5  # 2 sources + 10 edit targets, each once
+    frames, noise = pool.batch(7, 3, 5, seed=0, hflip=True)
+    again, noise_again = pool.batch(7, 3, 5, seed=0, hflip=True)
+    other, _ = pool.batch(8, 3, 5, seed=0, hflip=True)
+    assert frames.shape == (3, 3, 5, 64, 64) and noise.shape == (3, 16, 2, 8, 8)
+    assert torch.equal(frames, again) and torch.equal(noise, noise_again) and not torch.equal(frames, other)
+    clips = [_clip_tensor(pool.load(i))[0] for i in range(len(pool))]  # (3, 9, H, W) each
+    for window in frames:  # every window is 5 consecutive frames of some clip, maybe mirrored
+        found = any(torch.equal(window, c[:, s:s + 5]) or torch.equal(window, c[:, s:s + 5].flip(-1))
+                    for c in clips for s in range(5))
+        assert found
+
+
+def test_vae_config_errors_name_the_key_and_the_fix():
+    base = {"data": {"datasets": ["d"]}}
+    with pytest.raises(SamaInputError, match="model.z_dim must be 16"):
+        vae_config_from_dict(base, ["model.z_dim=8"])
+    with pytest.raises(SamaInputError, match="data.num_frames must be 4k\\+1"):
+        vae_config_from_dict(base, ["data.num_frames=8"])
+    with pytest.raises(SamaInputError, match="did you mean 'base_dim'"):
+        vae_config_from_dict(base, ["model.base_dims=8"])
+    with pytest.raises(SamaInputError, match="data.datasets is empty"):
+        vae_config_from_dict({})
+
+
+def _small_vae_cfg(train_set, out, steps):
+    return vae_config_from_dict({
+        "output_dir": str(out), "max_steps": steps, "batch_size": 1, "model": {"base_dim": 4},
+        "data": {"datasets": [str(train_set)], "num_frames": 5, "image_steps": 1, "image_batch_size": 2,
+                 "stats_clips": 2, "eval_clips": 1},
+        "optim": {"warmup_steps": 1}, "checkpoint": {"every": 2, "keep": 3},
+        "log": {"every": 1, "progress_bar": False}})
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_vae_training_resumes_exactly_and_exports_a_loadable_normalised_vae(train_set, tmp_path):
+    from safetensors.torch import load_file
+
+    from sama_core.vae import WanVAE
+    whole = train_vae(_small_vae_cfg(train_set, tmp_path / "whole", 4))
+    _reset_accelerate()
+    train_vae(_small_vae_cfg(train_set, tmp_path / "split", 2))  # "interrupted" after step 2 ...
+    _reset_accelerate()
+    split = train_vae(_small_vae_cfg(train_set, tmp_path / "split", 4), resume="latest")  # ... and resumed
+    a, b = load_file(str(whole / "vae.safetensors")), load_file(str(split / "vae.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    stats = json.loads((whole / "latent_stats.json").read_text())
+    assert stats["step"] == 4 and stats["ema"] is True and len(stats["raw_std"]) == 16
+    assert max(abs(v) for v in stats["normalized_mean"]) < 1e-3
+    assert max(abs(v - 1) for v in stats["normalized_std"]) < 1e-3
+    vae = WanVAE.from_file(whole / "vae.safetensors")  # the original layout, through sama_core's loader
+    assert vae.model.config.base_dim == 4
+    metrics_file = tmp_path / "whole" / "logs" / "metrics.jsonl"
+    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["frames"] for m in metrics] == [1, 5, 5, 5]  # one single-frame step, then clips
+    assert all(m["psnr"] == pytest.approx(10 * math.log10(4 / m["mse"])) for m in metrics)
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+def test_ground_truth_is_perfect_and_copy_fails_every_edit(heldout):
+    rows = ev.read_cases(heldout)
+    report = ev.evaluate({"gt": ev.ground_truth_method, "copy": ev.copy_method}, rows)
+    gt, copy = report.summaries["gt"], report.summaries["copy"]
+    assert set(gt) == {"all", "color", "shape", "remove", "add", "background"}
+    assert gt["all"]["edits"] == 15 and gt["all"]["judged"] == 15
+    for kind in ("all", "color", "shape", "remove", "add", "background"):
+        assert gt[kind]["accuracy"] == 1.0
+        assert copy[kind]["accuracy"] == 0.0
+    assert gt["all"]["progress"] == 1.0 and copy["all"]["progress"] == 0.0
+    assert gt["shape"]["iou"] == 1.0
+    assert gt["all"]["background_psnr"] == ev.PSNR_CAP and copy["all"]["background_psnr"] == ev.PSNR_CAP
+    assert gt["all"]["motion_error"] == 0.0 and gt["all"]["motion_lost"] == 0.0
+    assert copy["all"]["motion_error"] < 1.0  # unedited objects are where they were (occlusions aside)
+    assert gt["all"]["temporal_ratio"] == 1.0 and gt["all"]["temporal_gap"] == 0.0
+
+
+def _case(heldout, kind, clip=0):
+    row = next(r for r in ev.read_cases(heldout) if r["kind"] == kind and r["index"] == clip)
+    return ev.load_case(row)
+
+
+def test_colour_accuracy_needs_the_requested_colour(heldout):
+    case = _case(heldout, "color")
+    region = ev.edit_region(case)
+    wanted = case.row["change"]["to"]
+    other = next(n for n in ev.OBJECT_NAMES if n not in (wanted, case.row["change"]["from"]))
+    wrong = case.target.copy()
+    wrong[region] = ev.OBJECT_COLORS[other]  # the object recoloured, but in the wrong colour
+    result = ev.edit_accuracy(case, wrong)
+    assert result["color"] == other and result["success"] is False
+    close = case.target.copy()
+    close[region] = np.clip(close[region] + 0.05, 0, 1)  # the right colour, slightly off
+    assert ev.edit_accuracy(case, close)["success"] is True
+
+
+def test_background_psnr_motion_and_temporal_metrics_against_direct_computations(heldout):
+    case = _case(heldout, "background")
+    outside = ~case.edit_mask
+    noisy = case.target.copy()
+    noise = np.random.default_rng(0).normal(0, 0.02, noisy.shape).astype(np.float32)
+    noisy[outside] = np.clip(noisy[outside] + noise[outside], 0, 1)
+    mse = float(((noisy[outside] - case.target[outside]) ** 2).mean())
+    assert ev.score(case, noisy)["background_psnr"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-6)
+
+    shifted = np.roll(case.target, 2, axis=2)  # everything 2 px to the right
+    motion = ev.motion_error(case, shifted)
+    assert motion["motion_frames"] > 0 and motion["motion_lost"] == 0
+    assert motion["motion_error"] == pytest.approx(2.0, abs=0.25)
+
+    frozen = np.repeat(case.target[:1], case.target.shape[0], axis=0)
+    temporal = ev.temporal_consistency(case, frozen)
+    diffs = np.abs(np.diff(case.target, axis=0)).mean(axis=(1, 2, 3))
+    assert temporal["temporal_ratio"] == 0.0
+    assert temporal["temporal_gap"] == pytest.approx(diffs.mean() * 255, rel=1e-5)
+
+
+def test_eval_writes_tables_and_plots_and_refuses_bad_inputs(heldout, train_set, tmp_path):
+    rows = ev.read_cases(heldout, limit=1, kinds=["color", "remove"])
+    assert [r["kind"] for r in rows] == ["color", "remove"]
+    report = ev.evaluate({"copy": ev.copy_method, "ground truth": ev.ground_truth_method}, rows, tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    assert "| copy | 0.0% | 0.0% | 0.0% |" in table and "| ground truth | 100.0% | 100.0% | 100.0% |" in table
+    assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "examples.png").read_bytes()[:4] == b"\x89PNG"
+    lines = (tmp_path / "per_edit.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and report.files["table"] == tmp_path / "results.md"
+    assert ev.check_disjoint(heldout, train_set) == 3
+    with pytest.raises(SamaInputError, match="also occur in the training set"):
+        ev.check_disjoint(heldout, heldout)
+    with pytest.raises(SamaFileNotFoundError, match="ground_truth.jsonl"):
+        ev.read_cases(tmp_path)
+    with pytest.raises(SamaInputError, match="unknown edit kinds"):
+        ev.read_cases(heldout, kinds=["recolour"])
+    with pytest.raises(SamaInputError, match="the output has shape"):
+        ev.score(ev.load_case(rows[0]), np.zeros((3, 64, 64, 3), np.float32))
+    assert ev.main(["--data", str(heldout), "--baselines", "vae"]) == 2  # the VAE baseline needs a bundle
+
+
+# ------------------------------------------------------------------------------------- orchestration
+
+def _fake_stages(log):
+    def action(name, output):
+        def run(run_):
+            log.append(name)
+            path = run_.path(output)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(name)
+        return run
+    return (shapes.Stage("a", (), ("a/out",), ("a",), action("a", "a/out")),
+            shapes.Stage("b", ("a",), ("b/out",), ("b",), action("b", "b/out")),
+            shapes.Stage("c", ("b",), ("c/out",), ("c",), action("c", "c/out")))
+
+
+def test_stages_skip_when_done_and_restart_after_a_dependency_ran_again(tmp_path, monkeypatch):
+    log = []
+    monkeypatch.setattr(shapes, "STAGES", _fake_stages(log))
+    monkeypatch.setattr(shapes, "write_configs", lambda run: {})
+    run = shapes.start_run(tmp_path, "tiny", "full", echo=lambda s: None)
+    assert shapes.run_pipeline(run, until="b") == ["a", "b"]
+    assert shapes.run_pipeline(run) == ["c"]          # continues where it stopped
+    assert shapes.run_pipeline(run) == []             # everything done
+    (tmp_path / "b" / "out").unlink()                 # a later stage's output lost
+    assert shapes.run_pipeline(run) == ["b", "c"]     # that stage and what depends on it
+    (tmp_path / "b" / "partial").write_text("x")      # b started, then a ran again: b's folder is stale
+    shapes._stamp(run, "b", "started").touch()
+    os.utime(shapes._stamp(run, "b", "started"), ns=(1, 1))
+    (tmp_path / "a" / "out").unlink()
+    assert shapes.run_pipeline(run) == ["a", "b", "c"]
+    assert not (tmp_path / "b" / "partial").exists()  # removed before b started over
+    assert log == ["a", "b", "c", "b", "c", "a", "b", "c"]
+    state = json.loads((tmp_path / "run.json").read_text())
+    assert state["stages"]["b"]["runs"] == 3
+    with pytest.raises(SamaInputError, match="--until must be one of a, b, c"):
+        shapes.run_pipeline(run, until="z")
+
+
+def test_run_refuses_another_budget_and_bad_overrides(tmp_path):
+    shapes.start_run(tmp_path, "tiny", "full", echo=lambda s: None)
+    with pytest.raises(SamaInputError, match="started with --budget tiny"):
+        shapes.start_run(tmp_path, "full", "full")
+    with pytest.raises(SamaInputError, match="--variant must be one of"):
+        shapes.start_run(tmp_path / "x", "tiny", "no_anchors")
+    run = shapes.start_run(tmp_path, "tiny", "full", echo=lambda s: None)
+    with pytest.raises(SamaInputError, match="did you mean 'max_steps'"):
+        shapes.materialize_config(run, "shapes_stage0.yaml", ["train.max_step=3"])
+    assert not (tmp_path / "shapes_stage0.yaml").exists()
+
+
+def test_demo_clip_is_a_clear_colour_edit_of_the_demo_split():
+    clip = shapes.pick_demo_clip()
+    edit = clip.edits[0].edit
+    assert clip.split == "demo" and edit.kind == "color"
+    assert shapes.is_clear_demo(clip.scene, edit)
+    assert edit.change["to"] in edit.instruction
+
+
+# --------------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes_tiny")
+    lines = []
+    run = shapes.start_run(out, "tiny", "full", echo=lines.append)
+    first = shapes.run_pipeline(run, until="stage0")  # an "interruption" after stage 0
+    rest = shapes.run_pipeline(run)
+    return {"run": run, "out": out, "first": first, "rest": rest, "lines": lines}
+
+
+@pytest.mark.slow
+def test_tiny_budget_runs_every_stage_and_continues_after_a_stop(tiny_run):
+    assert tiny_run["first"] == ["data", "vae", "encoders", "cache0", "stage0"]
+    assert tiny_run["rest"] == ["cache1", "stage1", "export", "eval"]
+    out = tiny_run["out"]
+    spec = json.loads((out / "bundle" / "bundle.json").read_text())
+    assert {"dit", "vae", "text_encoder", "siglip"} <= set(spec)
+    assert spec["defaults"] == {"steps": 2, "guidance": 1.0, "shift": 5.0, "target_area": 4096}
+    card = spec["card"]
+    assert card["demo_video"] == "sample.mp4" and card["demo_prompt"]
+    assert card["metrics"]["ground truth"]["accuracy"] == 1.0
+    assert card["metrics"]["copy (output = source)"]["accuracy"] == 0.0
+    assert set(card["seconds"]) == set(shapes.STAGE_NAMES)
+    size = sum(p.stat().st_size for p in (out / "bundle").iterdir())
+    assert size <= shapes.MAX_BUNDLE_BYTES
+    table = (out / "eval" / "results.md").read_text()
+    for row in ("| SAMA-Shapes |", f"| {shapes.STAGE0_ROW} |", "| copy (output = source) |", "| ground truth |",
+                "| VAE(target) ceiling |"):
+        assert row in table
+    assert "## Evaluation" in (out / "bundle" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_tiny_bundle_loads_through_the_pipeline_and_the_demo_runs(tiny_run, tmp_path, capsys):
+    from sama_core.__main__ import main as sama_main
+    from sama_core.pipeline import SamaPipeline
+    from sama_core.video import read_video
+    bundle = tiny_run["out"] / "bundle"
+    pipe = SamaPipeline.from_bundle(bundle, device="cpu", dtype="fp32")
+    assert pipe.dit.config.dim == 32 and pipe.text_encoder.hidden_size == 16 and pipe.anchor_encoder.width == 16
+    source, _ = read_video(bundle / "sample.mp4")
+    edited, _ = pipe.edit_frames(source, "turn the red circle blue", options=pipe.sampler_options())
+    assert edited.shape == source.shape and torch.isfinite(edited).all()
+    code = sama_main(["demo", "--bundle", str(bundle), "--out", str(tmp_path)])  # no --video: the bundle's clip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"source video: {bundle / 'sample.mp4'}" in printed
+    assert f"instruction: {json.loads((bundle / 'bundle.json').read_text())['card']['demo_prompt']}" in printed
+    assert (tmp_path / "compare.png").exists() and (tmp_path / "edit.mp4").exists()
+
+
+@pytest.mark.slow
+def test_tiny_tokenizer_covers_the_held_out_instructions(tiny_run):
+    import sentencepiece
+
+    from sama_core.text import load_umt5_encoder
+    out = tiny_run["out"]
+    _, spiece = load_umt5_encoder([out / "encoders" / "text_encoder.safetensors"], dtype=torch.float32)
+    sp = sentencepiece.SentencePieceProcessor(model_proto=spiece)
+    rows = ev.read_cases(out / "data" / "heldout")
+    pieces = [sp.encode(r["instruction"]) for r in rows]
+    assert all(2 not in ids for ids in pieces)  # no unknown pieces: the vocabulary is the instructions'
+
+
+@pytest.mark.slow
+def test_rerun_after_losing_stage1_redoes_only_what_depends_on_it(tiny_run):
+    run, out = tiny_run["run"], tiny_run["out"]
+    kept = ("vae/final/vae.safetensors", "stage0/final/sama_dit.safetensors", "cache/stage1/cache_index.json")
+    before = {p: (out / p).stat().st_mtime_ns for p in kept}
+    assert shapes.run_pipeline(run) == []
+    shutil.rmtree(out / "stage1" / "final")
+    lines = []
+    run.echo = lines.append
+    assert shapes.run_pipeline(run) == ["stage1", "export", "eval"]
+    assert any("resumed from" in line for line in lines)  # stage 1 continued from its last checkpoint
+    assert {p: (out / p).stat().st_mtime_ns for p in before} == before
+    assert (out / "bundle" / "README.md").exists()

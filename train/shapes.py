@@ -1,0 +1,812 @@
+"""SAMA-Shapes end to end: one resumable command from nothing to the embedded tiny model and its evaluation.
+
+    python -m train.shapes run --out runs/shapes [--budget tiny|full] [--variant full|no_sa|no_ma]
+                               [--reuse RUN] [--until STAGE] [--install]
+    python -m train.shapes status --out runs/shapes
+    python -m train.shapes curve --out runs/shapes [--limit N]      # accuracy of the kept checkpoints
+
+Stages (each a folder of the run; see docs/sama_shapes.md for what every one does and costs):
+
+    data      train + held-out SAMA-Shapes sets (train/synthetic.py, npz) and the demo clip
+    vae       the tiny Wan VAE (train/vae_train.py), latent statistics folded in
+    encoders  sentencepiece tokenizer trained on the instructions/captions + tiny UMT5 and tiny SigLIP,
+              both random init and frozen
+    cache0    feature cache of stage 0 (python -m train cache)
+    stage0    factorized pre-training (python -m train stage0): image edits + raw clips with pretexts
+    cache1    feature cache of stage 1
+    stage1    SFT on video edits + image edits, from stage 0's export
+    export    the bundle (bundle.json + safetensors + sample clip), as sama_core.bundle.write_bundle writes it
+    eval      python -m train.eval on the held-out set (+ stage 0 alone, zero-shot) and the model card
+
+A stage is done when its stamp (RUN/stamps/<stage>.done) and its outputs exist and the stamp is newer
+than its dependencies' stamps: re-running the command skips done stages and continues the others (the
+training stages resume from their last checkpoint, the cache from its last shard). A stage whose
+dependency ran again after it started is started over (its folders are removed first). Long stages run
+as subprocesses with the exact command printed, so any of them can also be run by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from sama_core.errors import SamaError, SamaFileNotFoundError, SamaInputError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATES = REPO / "train" / "configs"
+ASSET_BUNDLE = REPO / "sama_core" / "assets" / "sama-shapes"
+RUN_FILE = "run.json"
+STAMPS = "stamps"
+MAX_BUNDLE_BYTES = 20 * 1024 * 1024
+STAGE0_ROW = "stage 0 only (zero-shot)"
+
+
+# ---------------------------------------------------------------------------------------------- budgets
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How much of everything a run uses. Overrides are `key=value` strings applied to the config templates."""
+    name: str
+    train_clips: int
+    heldout_clips: int
+    frames: int = 17                # frames per synthetic clip (4k+1)
+    data_workers: int = 2
+    text_dim: int = 64              # tiny UMT5 width (= the DiT's text_dim)
+    siglip_width: int = 64          # tiny SigLIP width (= the DiT's siglip_dim)
+    vocab_size: int = 256           # sentencepiece pieces (fewer if the corpus has fewer)
+    vae: tuple = ()
+    stage0: tuple = ()
+    stage1: tuple = ()
+    eval_clips: Optional[int] = None  # held-out clips evaluated (5 edits each); None = all
+    dit_clips: Optional[int] = None  # the DiT stages use the samples of the first N training clips (None: all)
+    sample_steps: int = 20          # the bundle's default sampling steps (the demo's)
+    dit_dtype: str = "fp16"         # storage dtype of the DiT in the bundle (it is computed in fp32)
+
+
+_TINY_DIT = ("model.config={dim: 32, ffn_dim: 64, num_heads: 1, num_layers: 1, text_dim: 16, freq_dim: 16, "
+             "siglip_dim: 16, siglip_hidden_dim: 16}")
+_TINY_LOOP = ("train.batch_size=2", "checkpoint.every=2", "checkpoint.keep=2", "validation.every=0",
+              "log.every=1", "optim.warmup_steps=1", "data.cache_shard_size=32", "data.frame_buckets=[9]")
+
+BUDGETS = {
+    # The real recipe: ~3.5 h on 2 CPU cores (docs/sama_shapes.md has the measured breakdown).
+    "full": Budget("full", train_clips=1000, heldout_clips=100, eval_clips=40, dit_clips=400),
+    # Checks the machinery in about a minute (the test): every stage, tiny sizes, a few steps.
+    "tiny": Budget("tiny", train_clips=4, heldout_clips=1, frames=9, data_workers=1, text_dim=16, siglip_width=16,
+                   vocab_size=200,
+                   vae=("max_steps=3", "model.base_dim=4", "batch_size=1", "data.num_frames=5",
+                        "data.image_steps=1", "data.image_batch_size=2", "data.stats_clips=4",
+                        "data.eval_clips=1", "checkpoint.every=2", "log.every=1", "optim.warmup_steps=1"),
+                   stage0=(_TINY_DIT, "train.max_steps=3", *_TINY_LOOP),
+                   stage1=("train.max_steps=3", *_TINY_LOOP),
+                   eval_clips=1, sample_steps=2),
+}
+
+# Ablations of the toy reproduction (docs/sama_shapes.md); "stage 0 only" is a row of every run's eval.
+VARIANTS = {
+    "full": {"stage0": (), "stage1": ()},
+    "no_sa": {"stage0": ("data.semantic_anchoring=false",), "stage1": ("data.semantic_anchoring=false",)},
+    "no_ma": {"stage0": ("data.pretext_mix={none: 1.0}",), "stage1": ()},
+}
+
+
+# ------------------------------------------------------------------------------------------------ a run
+
+@dataclasses.dataclass
+class Run:
+    out: Path
+    budget: Budget
+    variant: str
+    reuse: Optional[Path] = None
+    echo: Callable[[str], None] = print
+
+    def path(self, *parts) -> Path:
+        return self.out.joinpath(*parts)
+
+    def read_state(self) -> dict:
+        path = self.path(RUN_FILE)
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def write_state(self, state: dict) -> None:
+        tmp = self.path(f".{RUN_FILE}.tmp")
+        tmp.write_text(json.dumps(state, indent=1) + "\n")
+        os.replace(tmp, self.path(RUN_FILE))
+
+    def record(self, stage: str, seconds: float) -> None:
+        state = self.read_state()
+        entry = state.setdefault("stages", {}).setdefault(stage, {"seconds": 0.0, "runs": 0})
+        entry["seconds"] = round(entry["seconds"] + seconds, 2)
+        entry["runs"] += 1
+        entry["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.write_state(state)
+
+
+def start_run(out, budget: str, variant: str, reuse=None, echo=print) -> Run:
+    if budget not in BUDGETS:
+        raise SamaInputError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    if variant not in VARIANTS:
+        raise SamaInputError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    run = Run(Path(out).resolve(), BUDGETS[budget], variant, Path(reuse).resolve() if reuse else None, echo)
+    run.out.mkdir(parents=True, exist_ok=True)
+    state = run.read_state()
+    for key, value in (("budget", budget), ("variant", variant)):
+        if state.get(key, value) != value:
+            raise SamaInputError(f"{run.out} was started with --{key} {state[key]}; continue it with --{key} "
+                                 f"{state[key]}, or use another --out")
+    state.update(budget=budget, variant=variant, reuse=str(run.reuse) if run.reuse else None)
+    state.setdefault("created", time.strftime("%Y-%m-%d %H:%M:%S"))
+    run.write_state(state)
+    if run.reuse is not None:
+        link_reused(run)
+    return run
+
+
+def link_reused(run: Run) -> None:
+    """An ablation shares the data, the VAE and the encoders of another run (same budget): symlinks."""
+    other = json.loads((run.reuse / RUN_FILE).read_text()) if (run.reuse / RUN_FILE).exists() else {}
+    if other.get("budget") != run.budget.name:
+        raise SamaInputError(f"--reuse {run.reuse}: that run has budget {other.get('budget')!r}, this one "
+                             f"{run.budget.name!r}; reuse a run of the same budget")
+    for name in ("data", "vae", "encoders"):
+        source = run.reuse / name
+        if not (run.reuse / STAMPS / f"{_STAGE_OF_FOLDER[name]}.done").exists():
+            raise SamaInputError(f"--reuse {run.reuse}: its '{_STAGE_OF_FOLDER[name]}' stage is not done; run it "
+                                 "first")
+        link = run.path(name)
+        if not link.exists():
+            link.symlink_to(source, target_is_directory=True)
+        stamp = run.path(STAMPS, f"{_STAGE_OF_FOLDER[name]}.done")
+        stamp.parent.mkdir(exist_ok=True)
+        if not stamp.exists():
+            stamp.write_text(f"reused from {run.reuse}\n")
+
+
+_STAGE_OF_FOLDER = {"data": "data", "vae": "vae", "encoders": "encoders"}
+
+
+# ------------------------------------------------------------------------------------------ subprocesses
+
+def python_command(run: Run, args: list[str], log_name: str) -> None:
+    """Run `python ARGS` from the repository root, echoing its output and appending it to RUN/logs/."""
+    command = [sys.executable, *args]
+    run.echo("$ " + shlex.join(command))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    log_path = run.path("logs", f"{log_name}.log")
+    log_path.parent.mkdir(exist_ok=True)
+    with log_path.open("a") as log_file, subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        log_file.write(f"$ {shlex.join(command)}\n")
+        for line in proc.stdout:
+            log_file.write(line)
+            log_file.flush()
+            run.echo(line.rstrip("\n"))
+        code = proc.wait()
+    if code != 0:
+        raise SamaInputError(f"`{shlex.join(args)}` failed with exit code {code} (log: {log_path}); fix the "
+                             "cause and run the same `python -m train.shapes run` command again to continue")
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+def materialize_config(run: Run, template: str, overrides) -> Path:
+    """RUN/<template>: the template with the overrides applied (checked by the config loader first)."""
+    from .config import _set_dotted, parse_override
+    values = yaml.safe_load((TEMPLATES / template).read_text())
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(values, key, value)
+    target = run.path(template)
+    header = (f"# written by `python -m train.shapes run` from train/configs/{template} (budget "
+              f"{run.budget.name}, variant {run.variant}); paths are relative to this folder\n")
+    tmp = run.path(f".{template}.tmp")
+    tmp.write_text(header + yaml.safe_dump(values, sort_keys=False))
+    if template.startswith("shapes_stage"):
+        from .config import load_config
+        load_config(tmp)  # validates (a misspelt override key is an error here, before anything runs)
+    else:
+        from .vae_train import load_vae_config
+        load_vae_config(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def stage_overrides(run: Run, stage: str) -> list[str]:
+    b = run.budget
+    overrides = list(getattr(b, stage)) + list(VARIANTS[run.variant][stage])
+    if stage == "stage0":  # the encoders' widths decide the DiT's input widths
+        overrides += [f"model.config.text_dim={b.text_dim}", f"model.config.siglip_dim={b.siglip_width}"]
+    if b.dit_clips is not None:
+        overrides.append(subset_manifests_override(stage, b.dit_clips))
+    return overrides
+
+
+def subset_name(manifest: str, clips: int) -> str:
+    """data/train/raw_videos.jsonl -> data/train/raw_videos.first400.jsonl"""
+    path = Path(manifest)
+    return str(path.with_name(f"{path.stem}.first{clips}{path.suffix}"))
+
+
+def subset_manifests_override(stage: str, clips: int) -> str:
+    """`data.manifests=[...]` of the stage's template with every manifest replaced by its subset."""
+    entries = yaml.safe_load((TEMPLATES / f"shapes_{stage}.yaml").read_text())["data"]["manifests"]
+    subset = [dict(e, path=subset_name(e["path"], clips)) if isinstance(e, dict) else subset_name(e, clips)
+              for e in entries]
+    return "data.manifests=" + yaml.safe_dump(subset, default_flow_style=True).strip()
+
+
+def write_subset_manifests(run: Run) -> None:
+    """The rows of the first `dit_clips` training clips of every manifest (clip index from the row id
+    "train_s<seed>_<index>[_<edit>]"): the DiT stages then cache and train on fewer samples."""
+    clips = run.budget.dit_clips
+    folder = run.path("data", "train")
+    if clips is None or not folder.exists():
+        return
+    for manifest in sorted(folder.glob("*.jsonl")):
+        if ".first" in manifest.name:
+            continue
+        rows = [line for line in manifest.read_text().splitlines()
+                if line.strip() and int(json.loads(line)["id"].split("_")[2]) < clips]
+        target = run.path(subset_name(str(manifest.relative_to(run.out)), clips))
+        if not target.exists() or target.read_text() != "\n".join(rows) + "\n":
+            target.write_text("\n".join(rows) + "\n")
+
+
+def write_configs(run: Run) -> dict[str, Path]:
+    return {"vae": materialize_config(run, "shapes_vae.yaml", run.budget.vae),
+            "stage0": materialize_config(run, "shapes_stage0.yaml", stage_overrides(run, "stage0")),
+            "stage1": materialize_config(run, "shapes_stage1.yaml", stage_overrides(run, "stage1"))}
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+def stage_data(run: Run) -> None:
+    from .synthetic import SynthConfig, write_dataset
+    config = SynthConfig(num_frames=run.budget.frames)
+    for split, clips in (("train", run.budget.train_clips), ("heldout", run.budget.heldout_clips)):
+        run.echo(f"generating {clips} {split} clips")
+        write_dataset(run.path("data", split), clips, seed=0, split=split, config=config, video_format="npz",
+                      workers=run.budget.data_workers, overwrite=True)
+    write_demo_clip(run.path("data", "demo"))
+
+
+def is_clear_demo(scene, edit) -> bool:
+    """A colour edit that is easy to see: 2-3 objects, the edited one large (radius >= 7 px), never touching
+    another object, neither its old nor its new colour used by another object, the two colours far apart
+    (RGB distance >= 0.6), on a background without fine texture (plain, or a period >= 10 px)."""
+    import numpy as np
+
+    from .synthetic import MAX_EXTENT, OBJECT_COLORS
+    objects = scene.objects
+    edited = objects[edit.object_index]
+    others = [o for i, o in enumerate(objects) if i != edit.object_index]
+    if not 2 <= len(objects) <= 3 or edited.radius < 7:
+        return False
+    background = scene.background
+    if background.style != "plain" and (background.style == "noise" or background.period < 10):
+        return False
+    old, new = (np.array(OBJECT_COLORS[edit.change[k]]) for k in ("from", "to"))
+    if np.linalg.norm(old - new) < 0.6:
+        return False
+    if any(o.color in (edit.change["from"], edit.change["to"]) for o in others):
+        return False
+    for other in others:
+        gap = np.linalg.norm(np.array(edited.centers) - np.array(other.centers), axis=1)
+        if gap.min() < MAX_EXTENT * (edited.radius + other.radius) + 2:
+            return False
+    return True
+
+
+def pick_demo_clip(max_tries: int = 2000):
+    """The first clip of the "demo" split (never trained on) whose colour edit is clear (is_clear_demo).
+    Deterministic and independent of any model's results."""
+    from .synthetic import (
+        _EDIT_STREAM_BASE,
+        _SCENE_STREAM,
+        EDIT_KINDS,
+        SynthConfig,
+        clip_generator,
+        generate_clip,
+        make_edit,
+        sample_scene,
+    )
+    config = SynthConfig(edits=("color",))
+    for index in range(max_tries):  # scenes and edits only (no rendering) until one fits
+        scene = sample_scene(clip_generator(0, index, "demo", _SCENE_STREAM), config)
+        rng = clip_generator(0, index, "demo", _EDIT_STREAM_BASE + EDIT_KINDS.index("color"))
+        if is_clear_demo(scene, make_edit(scene, "color", rng, config)):
+            return generate_clip(0, index, "demo", config)
+    raise SamaInputError(f"no clear demo clip in the first {max_tries} demo clips")
+
+
+def write_demo_clip(folder: Path) -> None:
+    from .synthetic import save_clip
+    folder.mkdir(parents=True, exist_ok=True)
+    clip = pick_demo_clip()
+    edit = clip.edits[0]
+    save_clip(folder / "sample.mp4", clip.source.frames, crf=12)  # the demo reads ordinary video files
+    save_clip(folder / "sample_target.npz", edit.target.frames)
+    (folder / "sample.json").write_text(json.dumps(
+        {"clip": clip.clip_id, "instruction": edit.edit.instruction, "change": edit.edit.change,
+         "caption": clip.caption}, indent=1) + "\n")
+
+
+def stage_vae(run: Run) -> None:
+    python_command(run, ["-m", "train.vae_train", "--config", str(run.path("shapes_vae.yaml")), "--resume",
+                         "latest"], "vae")
+
+
+def instruction_corpus(data_dir: Path) -> list[str]:
+    """Every instruction and caption of the training set, the demo's, and the fixed prompts the model sees."""
+    from sama_core.pretext import TASK_TOKENS
+
+    from .synthetic import MANIFEST_NAMES, read_manifest
+    lines = []
+    for row in read_manifest(data_dir / "train" / MANIFEST_NAMES["ground_truth"]):
+        lines += [row["instruction"], row["image_instruction"], row["caption"]]
+    lines += ["[Video edit] " + line for line in lines[:200]]
+    lines += list(TASK_TOKENS.values()) + ["[Video edit]"]
+    demo = data_dir / "demo" / "sample.json"
+    if demo.exists():
+        lines.append(json.loads(demo.read_text())["instruction"])
+    return lines
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int) -> bytes:
+    """A sentencepiece model of the corpus with UMT5's special ids (pad 0, eos 1, unk 2)."""
+    import io
+
+    import sentencepiece
+    buffer = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=buffer, vocab_size=vocab_size, hard_vocab_limit=False,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=False, minloglevel=2)
+    return buffer.getvalue()
+
+
+def stage_encoders(run: Run) -> None:
+    import sentencepiece
+    import torch
+
+    from sama_core.bundle import save_umt5_comfy, tiny_siglip, tiny_umt5
+    folder = run.path("encoders")
+    tmp = run.path(".tmp-encoders")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    corpus = instruction_corpus(run.path("data"))
+    spiece = train_tokenizer(corpus, run.budget.vocab_size)
+    vocab = sentencepiece.SentencePieceProcessor(model_proto=spiece).get_piece_size()
+    g = torch.Generator().manual_seed(0)
+    text = tiny_umt5(vocab, run.budget.text_dim, g)
+    save_umt5_comfy(text, spiece, tmp / "text_encoder.safetensors")
+    siglip = tiny_siglip(run.budget.siglip_width, g, image_size=64, patch=8, heads=2)  # 8x8 patch grid
+    siglip.save_pretrained(str(tmp / "siglip"))  # a folder: train/ reads the head count from its config
+    (tmp / "encoders.json").write_text(json.dumps({
+        "text_encoder": {"kind": "UMT5 encoder", "d_model": run.budget.text_dim, "layers": 2, "vocab": vocab,
+                         "init": "random (std 0.15), frozen", "tokenizer": f"sentencepiece unigram, {vocab} "
+                         f"pieces, trained on {len(corpus)} instructions and captions"},
+        "siglip": {"kind": "SigLIP vision tower", "width": run.budget.siglip_width, "layers": 1, "image_size": 64,
+                   "patch": 8, "init": "random (std 0.05), frozen"}}, indent=1) + "\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def stage_cache(run: Run, stage: str) -> None:
+    write_subset_manifests(run)
+    config = str(run.path(f"shapes_{stage}.yaml"))
+    python_command(run, ["-m", "train", "cache", "--config", config], f"cache_{stage}")
+
+
+def stage_train(run: Run, stage: str) -> None:
+    python_command(run, ["-m", "train", stage, "--config", str(run.path(f"shapes_{stage}.yaml")), "--resume",
+                         "latest"], stage)
+
+
+def stage_export(run: Run) -> None:
+    export_bundle(run, run.path("bundle"))
+
+
+def stage_eval(run: Run) -> None:
+    args = ["-m", "train.eval", "--bundle", str(run.path("bundle")), "--data", str(run.path("data", "heldout")),
+            "--out", str(run.path("eval")), "--baselines", "copy,ground_truth,vae",
+            "--extra-dit", f"{STAGE0_ROW}={run.path('stage0', 'final', 'sama_dit.safetensors')}",
+            "--train-data", str(run.path("data", "train"))]
+    if run.budget.eval_clips is not None:
+        args += ["--limit", str(run.budget.eval_clips)]
+    t0 = time.perf_counter()
+    python_command(run, args, "eval")
+    # The card is written inside this stage, before run_stage records it: count the evaluation's time here.
+    write_card(run, run.path("bundle"), extra_seconds={"eval": round(time.perf_counter() - t0, 2)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    deps: tuple
+    outputs: tuple          # relative to the run folder; all must exist for the stage to count as done
+    workdirs: tuple         # removed before a restart forced by a dependency that ran again
+    action: Callable[[Run], None]
+
+
+STAGES = (
+    Stage("data", (), ("data/train/dataset.json", "data/heldout/dataset.json", "data/demo/sample.json"),
+          ("data",), stage_data),
+    Stage("vae", ("data",), ("vae/final/vae.safetensors",), ("vae",), stage_vae),
+    Stage("encoders", ("data",), ("encoders/encoders.json",), ("encoders",), stage_encoders),
+    Stage("cache0", ("data", "vae", "encoders"), ("cache/stage0/cache_index.json",), ("cache/stage0",),
+          lambda run: stage_cache(run, "stage0")),
+    Stage("stage0", ("cache0",), ("stage0/final/sama_dit.safetensors",), ("stage0",),
+          lambda run: stage_train(run, "stage0")),
+    Stage("cache1", ("data", "vae", "encoders"), ("cache/stage1/cache_index.json",), ("cache/stage1",),
+          lambda run: stage_cache(run, "stage1")),
+    Stage("stage1", ("cache1", "stage0"), ("stage1/final/sama_dit.safetensors",), ("stage1",),
+          lambda run: stage_train(run, "stage1")),
+    Stage("export", ("stage1", "vae", "encoders", "data"), ("bundle/dit.safetensors", "bundle/bundle.json"),
+          ("bundle",), stage_export),
+    Stage("eval", ("export", "stage0"), ("eval/results.md", "bundle/README.md"), ("eval",), stage_eval),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def _stamp(run: Run, name: str, what: str = "done") -> Path:
+    return run.path(STAMPS, f"{name}.{what}")
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime_ns if path.exists() else -1
+
+
+def stage_state(run: Run, stage: Stage) -> str:
+    """'done', 'stale' (done before a dependency ran again) or 'pending'."""
+    done = _stamp(run, stage.name)
+    if not done.exists() or not all(run.path(o).exists() for o in stage.outputs):
+        return "pending"
+    newest_dep = max((_mtime(_stamp(run, d)) for d in stage.deps), default=-1)
+    return "done" if _mtime(done) >= newest_dep else "stale"
+
+
+def run_stage(run: Run, stage: Stage) -> None:
+    started, done = _stamp(run, stage.name, "started"), _stamp(run, stage.name)
+    newest_dep = max((_mtime(_stamp(run, d)) for d in stage.deps), default=-1)
+    if started.exists() and _mtime(started) < newest_dep:
+        # A dependency ran again since this stage began: its partial or old results are not resumable.
+        for folder in stage.workdirs:
+            path = run.path(folder)
+            if path.is_symlink():
+                continue  # shared with the reused run: never removed from here
+            if path.exists():
+                run.echo(f"[{stage.name}] a dependency changed: removing {path}")
+                shutil.rmtree(path)
+    started.parent.mkdir(exist_ok=True)
+    done.unlink(missing_ok=True)
+    started.touch()
+    _touch_later_than(started, newest_dep)
+    t0 = time.perf_counter()
+    stage.action(run)
+    missing = [o for o in stage.outputs if not run.path(o).exists()]
+    if missing:
+        raise SamaInputError(f"stage {stage.name} finished without writing {missing}; see {run.path('logs')}")
+    done.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    _touch_later_than(done, _mtime(started))
+    run.record(stage.name, time.perf_counter() - t0)
+
+
+def _touch_later_than(path: Path, other_ns: float) -> None:
+    """Make path's mtime strictly newer than other_ns (coarse file-system clocks can tie)."""
+    if _mtime(path) <= other_ns:
+        ns = int(other_ns) + 1_000_000
+        os.utime(path, ns=(ns, ns))
+
+
+def run_pipeline(run: Run, until: Optional[str] = None, install: bool = False) -> list[str]:
+    """Run every stage that is not done (up to `until`); returns the names of the stages that ran."""
+    names = [stage.name for stage in STAGES]
+    if until is not None and until not in names:
+        raise SamaInputError(f"--until must be one of {', '.join(names)}, got {until!r}")
+    write_configs(run)
+    ran = []
+    for stage in STAGES:
+        state = stage_state(run, stage)
+        if state == "done":
+            run.echo(f"[{stage.name}] done, skipped")
+        else:
+            why = "running" if state == "pending" else "running again (a dependency changed)"
+            run.echo(f"[{stage.name}] {why}")
+            run_stage(run, stage)
+            ran.append(stage.name)
+        if stage.name == until:
+            break
+    if install:
+        if stage_state(run, STAGES[-1]) != "done":
+            raise SamaInputError("--install needs a complete run (the eval stage writes the model card)")
+        install_bundle(run.path("bundle"), ASSET_BUNDLE)
+        run.echo(f"installed the bundle into {ASSET_BUNDLE}")
+    return ran
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+def export_bundle(run: Run, folder: Path) -> Path:
+    """The bundle of the run: stage 1's DiT (stored in the budget's dtype), the VAE, the encoders, the demo
+    clip; written next to `folder` and renamed into place when complete."""
+    import torch
+
+    from sama_core.anchors import load_siglip_vision
+    from sama_core.bundle import write_bundle
+    from sama_core.loading import load_dit
+    from sama_core.text import load_umt5_encoder
+    from sama_core.vae import load_wan_vae
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    dit = load_dit(run.path("stage1", "final", "sama_dit.safetensors"), dtype=torch.float32)
+    dit = dit.to(dtypes[run.budget.dit_dtype])
+    vae = load_wan_vae(run.path("vae", "final", "vae.safetensors"))
+    text, spiece = load_umt5_encoder([run.path("encoders", "text_encoder.safetensors")], dtype=torch.float32)
+    siglip = load_siglip_vision(run.path("encoders", "siglip"))
+    demo = json.loads(run.path("data", "demo", "sample.json").read_text())
+    defaults = {"steps": run.budget.sample_steps, "guidance": 1.0, "shift": 5.0, "target_area": 64 * 64}
+    write_bundle(tmp, dit, vae, text, spiece, siglip, defaults, card=base_card(run, demo))
+    shutil.copy2(run.path("data", "demo", "sample.mp4"), tmp / "sample.mp4")
+    # The ground-truth edit of the demo clip (same motion, only the requested change): what the tests and
+    # users compare the demo's output with.
+    from .synthetic import load_clip, save_clip
+    save_clip(tmp / "sample_target.mp4", load_clip(run.path("data", "demo", "sample_target.npz")), crf=12)
+    size = sum(p.stat().st_size for p in tmp.iterdir())
+    if size > MAX_BUNDLE_BYTES and run.budget.name == "full":
+        raise SamaInputError(f"the bundle is {size / 2**20:.1f} MB, over the {MAX_BUNDLE_BYTES / 2**20:.0f} MB "
+                             "the repository ships: lower the DiT or VAE width")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    run.echo(f"bundle written to {folder} ({size / 2**20:.2f} MB)")
+    return folder
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def base_card(run: Run, demo: dict) -> dict:
+    import torch
+
+    from .config import load_config
+    s0, s1 = (load_config(run.path(f"shapes_{s}.yaml")) for s in ("stage0", "stage1"))
+    vae_cfg = yaml.safe_load(run.path("shapes_vae.yaml").read_text())
+    stats = _read_json(run.path("vae", "final", "latent_stats.json"))
+    data = _read_json(run.path("data", "train", "dataset.json"))
+    heldout = _read_json(run.path("data", "heldout", "dataset.json"))
+    state = run.read_state()
+    return {
+        "name": "SAMA-Shapes", "trained": True, "budget": run.budget.name, "variant": run.variant,
+        "demo_prompt": demo["instruction"], "demo_video": "sample.mp4", "demo_target_video": "sample_target.mp4",
+        "demo_clip": demo["clip"], "demo_change": demo["change"],
+        "what": "A tiny SAMA (Wan2.1-architecture DiT with semantic anchoring and motion alignment) trained by "
+                "this repository's train/ on procedurally generated clips of moving shapes. It edits 64x64 "
+                "clips of coloured circles/squares/triangles/stars; it knows nothing else.",
+        "data": {"generator": "train/synthetic.py (SAMA-Shapes)", "train_clips": data.get("num_clips"),
+                 "train_counts": data.get("counts"), "heldout_clips": heldout.get("num_clips"),
+                 "frames": run.budget.frames, "size": "64x64", "seed_scheme": data.get("seed_scheme")},
+        "components": {
+            "dit": {**s0.model.config, "stored_dtype": run.budget.dit_dtype},
+            "vae": {"base_dim": vae_cfg["model"]["base_dim"], "z_dim": 16, "steps": vae_cfg["max_steps"],
+                    "heldout_psnr_db": stats.get("heldout_psnr"), "train_psnr_db": stats.get("train_psnr"),
+                    "latent_normalisation": "measured mean/std folded into quant_conv/post_quant_conv so the "
+                                            "Wan2.1 constants normalise it (train/vae_train.py)"},
+            **_read_json(run.path("encoders", "encoders.json"))},
+        "training": {"stage0_steps": s0.train.max_steps, "stage1_steps": s1.train.max_steps,
+                     "batch_size": s0.train.batch_size, "stage0_lr": s0.optim.lr, "stage1_lr": s1.optim.lr,
+                     "semantic_anchoring": s1.data.semantic_anchoring, "pretext_mix": s0.data.pretext_mix,
+                     "ema_decay": s0.ema.decay},
+        "hardware": {"machine": platform.machine(), "processor": platform.processor() or None,
+                     "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                     "device": "cuda" if torch.cuda.is_available() else "cpu"},
+        "seconds": {k: v["seconds"] for k, v in state.get("stages", {}).items()},
+    }
+
+
+def write_card(run: Run, folder: Path, extra_seconds: Optional[dict] = None) -> None:
+    """Put the evaluation into bundle.json's card and write the human-readable model card README.md."""
+    from sama_core.bundle import BUNDLE_FILE
+    spec = json.loads((folder / BUNDLE_FILE).read_text())
+    metrics = _read_json(run.path("eval", "metrics.json")).get("summaries", {})
+    card = spec.setdefault("card", {})
+    card["seconds"] = {k: v["seconds"] for k, v in run.read_state().get("stages", {}).items()}
+    for stage, seconds in (extra_seconds or {}).items():
+        card["seconds"][stage] = card["seconds"].get(stage, 0.0) + seconds
+    card["metrics"] = {method: {k: v for k, v in s["all"].items()} | {
+        "accuracy_per_kind": {kind: block["accuracy"] for kind, block in s.items() if kind != "all"}}
+        for method, s in metrics.items()}
+    tmp = folder / f".{BUNDLE_FILE}.tmp"
+    tmp.write_text(json.dumps(spec, indent=2) + "\n")
+    os.replace(tmp, folder / BUNDLE_FILE)
+    table = run.path("eval", "results.md").read_text() if run.path("eval", "results.md").exists() else ""
+    total = sum(card["seconds"].values())
+
+    def block(title, value):
+        return [f"## {title}", "", "```json", json.dumps(value, indent=1), "```", ""]
+
+    text = [f"# {card.get('name', 'SAMA-Shapes')} model card", "", card.get("what", ""), "",
+            "## Use", "", "```bash",
+            "# the demo prompt on the bundled clip (BUNDLE = this folder):",
+            "python -m sama_core demo --bundle BUNDLE --video BUNDLE/sample.mp4",
+            ("python -m sama_core edit --model BUNDLE --video CLIP.mp4 --prompt 'make the red circle blue' "
+             "--out edit.mp4"),
+            "```", "",
+            (f"Demo clip: `sample.mp4` ({card.get('demo_clip')}, never trained on), prompt: "
+             f"\"{card.get('demo_prompt')}\". Defaults: {json.dumps(spec.get('defaults', {}))}."), ""]
+    text += block("Data", card.get("data", {}))
+    text += block("Components", card.get("components", {}))
+    text += block("Training", card.get("training", {}))
+    text += [(f"Hardware: {json.dumps(card.get('hardware', {}))}. Wall time per stage (s): "
+              f"{json.dumps(card['seconds'])}, {total / 3600:.2f} h in total."), ""]
+    text += ["## Evaluation (held-out clips, train/eval.py)", "",
+             table.replace("# SAMA-Shapes evaluation\n", "")]
+    text += ["## Limits", "",
+             ("Toy data only: 64x64 clips of four shapes in eight colours on eight backgrounds. The text encoder "
+              "and SigLIP are random and frozen; the VAE is tiny, so outputs are blurrier than the inputs. "
+              "Guidance is 1.0 (no prompt dropout in training).")]
+    (folder / "README.md").write_text("\n".join(text) + "\n")
+
+
+def install_bundle(source: Path, target: Path) -> Path:
+    """Copy the bundle into the package (atomically: a half-copied bundle never appears there)."""
+    if not (source / "bundle.json").exists():
+        raise SamaFileNotFoundError(f"{source} holds no bundle.json: run the export stage first")
+    tmp = target.with_name(f".tmp-{target.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(source, tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+    return target
+
+
+# ------------------------------------------------------------------------------------------------ curves
+
+def checkpoint_dit(checkpoint: Path, final_dit: Path, out_file: Path) -> Path:
+    """A DiT file with a checkpoint's EMA weights (the config and any frozen weights from the stage's export)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sama_core.loading import load_dit, save_dit
+    model = load_dit(final_dit, dtype=torch.float32)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in load_file(str(checkpoint / "ema.safetensors")).items():
+            params[name].copy_(tensor)
+    save_dit(model, out_file)
+    return out_file
+
+
+def convergence_curves(run: Run, limit: int = 20, kinds=("color", "remove", "add")) -> Path:
+    """Edit accuracy of every kept checkpoint of stage 0 and stage 1 on the first `limit` held-out clips,
+    and the training losses; RUN/curves/curves.json + curves.png."""
+    import tempfile
+
+    from sama_core.pipeline import SamaPipeline
+
+    from .checkpoint import list_checkpoints
+    from .eval import evaluate, pipeline_method, read_cases
+    rows = read_cases(run.path("data", "heldout"), limit, kinds)
+    points = []
+    for stage in ("stage0", "stage1"):
+        final = run.path(stage, "final", "sama_dit.safetensors")
+        if not final.exists():
+            continue
+        for step, folder in list_checkpoints(run.path(stage)):
+            with tempfile.TemporaryDirectory() as tmp:
+                dit = checkpoint_dit(folder, final, Path(tmp) / "dit.safetensors")
+                pipe = SamaPipeline.from_bundle(run.path("bundle"), device="cpu", dtype="fp32", dit=str(dit))
+                report = evaluate({"model": pipeline_method(pipe, pipe.sampler_options())}, rows)
+            accuracy = report.summaries["model"]["all"]["accuracy"]
+            points.append({"stage": stage, "step": step, "accuracy": accuracy,
+                           "progress": report.summaries["model"]["all"]["progress"]})
+            run.echo(f"[curve] {stage} step {step}: accuracy {accuracy:.3f}")
+    losses = {}
+    for stage in ("stage0", "stage1"):
+        path = run.path(stage, "logs", "metrics.jsonl")
+        if path.exists():
+            losses[stage] = [json.loads(line) for line in path.read_text().splitlines()]
+    folder = run.path("curves")
+    folder.mkdir(exist_ok=True)
+    (folder / "curves.json").write_text(json.dumps({"variant": run.variant, "kinds": list(kinds), "limit": limit,
+                                                    "points": points}, indent=1) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for stage, rows_ in losses.items():
+        axes[0].plot([r["step"] for r in rows_], [r["loss_video"] for r in rows_], label=f"{stage} video loss")
+    axes[0].set_xlabel("step")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    for stage in ("stage0", "stage1"):
+        pts = [p for p in points if p["stage"] == stage]
+        axes[1].plot([p["step"] for p in pts], [p["accuracy"] for p in pts], marker="o", label=stage)
+    axes[1].set_xlabel("step (of the stage)")
+    axes[1].set_ylabel(f"edit accuracy ({', '.join(kinds)})")
+    axes[1].set_ylim(0, 1)
+    axes[1].legend()
+    fig.suptitle(f"SAMA-Shapes {run.variant}")
+    fig.tight_layout()
+    fig.savefig(folder / "curves.png", dpi=100)
+    plt.close(fig)
+    return folder / "curves.png"
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="python -m train.shapes", description="SAMA-Shapes end to end.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("run", help="run (or continue) every stage up to the bundle and its evaluation")
+    p.add_argument("--out", required=True, help="run folder, e.g. runs/shapes")
+    p.add_argument("--budget", default="full", help=f"one of {', '.join(BUDGETS)} (default full)")
+    p.add_argument("--variant", default="full", help=f"ablation: one of {', '.join(VARIANTS)} (default full)")
+    p.add_argument("--reuse", default=None, help="share data, VAE and encoders with this (finished) run")
+    p.add_argument("--until", default=None, help=f"stop after this stage ({', '.join(STAGE_NAMES)})")
+    p.add_argument("--install", action="store_true",
+                   help=f"copy the bundle into {ASSET_BUNDLE.relative_to(REPO)}")
+    p.add_argument("--resume", action="store_true", help="accepted for clarity: every run continues what exists")
+    p = sub.add_parser("status", help="which stages are done")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("curve", help="edit accuracy of the kept checkpoints + loss curves (RUN/curves/)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=20, help="held-out clips per checkpoint (default 20)")
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.command == "run":
+            run = start_run(args.out, args.budget, args.variant, args.reuse)
+            t0 = time.perf_counter()
+            ran = run_pipeline(run, args.until, args.install)
+            print(f"ran {', '.join(ran) or 'nothing (all done)'} in {time.perf_counter() - t0:.1f} s; "
+                  f"bundle: {run.path('bundle')}, evaluation: {run.path('eval', 'results.md')}")
+            return 0
+        if not (Path(args.out) / RUN_FILE).exists():
+            raise SamaFileNotFoundError(f"{args.out} is not a SAMA-Shapes run (no {RUN_FILE})")
+        state = json.loads((Path(args.out) / RUN_FILE).read_text())
+        run = start_run(args.out, state["budget"], state["variant"], state.get("reuse"))
+        if args.command == "status":
+            for stage in STAGES:
+                seconds = state.get("stages", {}).get(stage.name, {}).get("seconds")
+                spent = "" if seconds is None else f"{seconds:.0f} s"
+                print(f"{stage.name:9s} {stage_state(run, stage):8s} {spent}")
+            return 0
+        print(f"curves: {convergence_curves(run, args.limit)}")
+        return 0
+    except SamaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,598 @@
+"""Train the tiny Wan2.1-architecture VAE of SAMA-Shapes on the synthetic clips (train/synthetic.py).
+
+    python -m train.vae_train --config train/configs/shapes_vae.yaml [--resume latest] [key=value ...]
+
+The model is diffusers' `AutoencoderKLWan` at a small width (`model.base_dim`), with everything else as
+Wan2.1's: z_dim 16, 2 residual blocks per level, dim_mult [1, 2, 4, 4], temporal downsampling in the last
+two levels. Only that layout converts to the original / ComfyUI file layout that sama_core and ComfyUI
+load, so only the width is configurable.
+
+Data: single frames for the first `data.image_steps` steps (cheap; they get the spatial autoencoder past
+its slow start), then `data.num_frames`-frame windows (random start, random horizontal flip) of the clips.
+Objective, per batch, in [-1, 1]:
+
+    z = mu + sigma * e                           (the posterior sampled with the step's own noise)
+    L = l1 * |x' - x| + mse * (x' - x)^2 + kl * KL(q(z|x) || N(0, I))       (all means per element)
+
+The KL term is small (1e-4 per latent element by default): it keeps the posterior from collapsing to a
+point, so the decoder learns to tolerate small latent errors (the DiT's), without blurring the output.
+
+Latent statistics. sama_core normalises latents with the Wan2.1 per-channel mean/std constants, which mean
+nothing for a new VAE. The export therefore measures the per-channel mean m and std s of the posterior
+mean on training clips and folds the affine map mu -> (mu - m) / s * std_wan + mean_wan into the 1x1x1
+`quant_conv` (encoder side) and its inverse into `post_quant_conv` (decoder side). Both are linear, so
+the fold is exact: decode(encode(x)) does not change, and the latents that sama_core normalises with the
+Wan2.1 constants come out zero-mean, unit-std per channel on the data. Nothing in sama_core, the bundle
+format or ComfyUI's native Wan latent format has to change. The measured statistics (before and after
+the fold) are written to `final/latent_stats.json`.
+
+Resumable like train/: accelerate's save_state + EMA in atomic `checkpoint-<step>` folders
+(train/checkpoint.py), `--resume latest`. The batch of step n is a pure function of (seed, n), so a
+resumed run sees the same clips, windows, flips and noise as an uninterrupted one.
+
+Output folder:
+    checkpoint-<step>/      resumable state
+    logs/metrics.jsonl      loss, l1, mse, kl, psnr, lr, frames per sample, steps/s, samples/s
+    final/vae.safetensors   the (EMA) VAE, normalisation folded in, original / ComfyUI layout
+    final/latent_stats.json per-channel statistics before/after the fold, reconstruction PSNR
+    final/export.json, final/config.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from sama_core.errors import SamaError, SamaFileNotFoundError, SamaInputError
+from sama_core.vae import LATENT_CHANNELS, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
+
+from . import checkpoint as ckpt
+from .config import CheckpointConfig, EMAConfig, _build, _set_dotted, parse_override
+from .data import derive_seed
+
+log = logging.getLogger(__name__)
+
+FINAL_DIR = "final"
+VAE_FILE = "vae.safetensors"
+STATS_FILE = "latent_stats.json"
+# A channel whose std is below this fraction of the largest channel's is treated as (nearly) unused: its
+# std is floored there, so the fold does not blow its noise up by orders of magnitude.
+STD_FLOOR_FRACTION = 1e-2
+INITIAL_LOGVAR = -8.0
+
+
+# --------------------------------------------------------------------------------------------- config
+
+@dataclasses.dataclass
+class VAEArchConfig:
+    base_dim: int = 12                  # Wan2.1's is 96
+    z_dim: int = LATENT_CHANNELS        # fixed by SAMA (16); checked
+
+
+@dataclasses.dataclass
+class VAEDataConfig:
+    datasets: list = dataclasses.field(default_factory=list)  # SAMA-Shapes folders (with video_edits.jsonl)
+    num_frames: int = 9                 # training window, 4k+1, cut at a random start from each clip
+    # Curriculum: the first `image_steps` steps train on single frames (batch `image_batch_size`). They cost a
+    # quarter of a clip step and get the spatial autoencoder going, which is the slow part: from scratch the
+    # output stays near each clip's mean colour for the first ~500 steps (measured).
+    image_steps: int = 0
+    image_batch_size: int = 8
+    # Then, from step `long_from_step` on, whole `long_num_frames`-frame clips (batch `long_batch_size`): a
+    # causal chunk's cache is only trained as far as the training windows reach. Trained on 5-frame windows
+    # only, frames 5-16 of a 17-frame clip fell from ~18.5 dB to 12-13 dB (measured); None = no such phase.
+    long_from_step: Optional[int] = None
+    long_num_frames: int = 17
+    long_batch_size: int = 2
+    hflip: bool = True                  # random horizontal flips
+    stats_clips: int = 128              # training clips the export measures the latent statistics on
+    eval_dataset: Optional[str] = None  # held-out SAMA-Shapes folder for the export's reconstruction PSNR
+    eval_clips: int = 32
+
+
+@dataclasses.dataclass
+class VAELossConfig:
+    l1: float = 1.0
+    mse: float = 1.0
+    kl: float = 1.0e-4                  # weight of the mean per-element KL(q(z|x) || N(0, I))
+
+
+@dataclasses.dataclass
+class VAEOptimConfig:
+    lr: float = 5.0e-4
+    betas: list = dataclasses.field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    max_grad_norm: Optional[float] = 1.0
+
+
+@dataclasses.dataclass
+class VAELogConfig:
+    every: int = 50
+    progress_bar: bool = True
+
+
+@dataclasses.dataclass
+class VAETrainConfig:
+    output_dir: str = "runs/shapes_vae"
+    seed: int = 0
+    batch_size: int = 4                 # per process
+    max_steps: int = 4000
+    mixed_precision: str = "no"         # no | bf16 (accelerate autocast; weights stay fp32)
+    model: VAEArchConfig = dataclasses.field(default_factory=VAEArchConfig)
+    data: VAEDataConfig = dataclasses.field(default_factory=VAEDataConfig)
+    loss: VAELossConfig = dataclasses.field(default_factory=VAELossConfig)
+    optim: VAEOptimConfig = dataclasses.field(default_factory=VAEOptimConfig)
+    ema: EMAConfig = dataclasses.field(default_factory=lambda: EMAConfig(decay=0.999))
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=lambda: CheckpointConfig(every=500, keep=2))
+    log: VAELogConfig = dataclasses.field(default_factory=VAELogConfig)
+    base_dir: Optional[str] = None      # the config file's folder: relative paths resolve against it
+
+    def resolve_path(self, path) -> Optional[Path]:
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        return p if p.is_absolute() or self.base_dir is None else Path(self.base_dir) / p
+
+    @property
+    def output_path(self) -> Path:
+        return self.resolve_path(self.output_dir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def validate_vae_config(cfg: VAETrainConfig) -> None:
+    if cfg.model.z_dim != LATENT_CHANNELS:
+        raise SamaInputError(f"model.z_dim must be {LATENT_CHANNELS} (the Wan2.1 latent channels the SAMA DiT "
+                             f"reads), got {cfg.model.z_dim}")
+    if not isinstance(cfg.data.image_steps, int) or cfg.data.image_steps < 0:
+        raise SamaInputError(f"data.image_steps must be an integer >= 0, got {cfg.data.image_steps!r}")
+    positive = {"model.base_dim": cfg.model.base_dim, "batch_size": cfg.batch_size, "max_steps": cfg.max_steps,
+                "data.image_batch_size": cfg.data.image_batch_size,
+                "data.stats_clips": cfg.data.stats_clips, "data.eval_clips": cfg.data.eval_clips,
+                "log.every": cfg.log.every, "checkpoint.every": cfg.checkpoint.every,
+                "checkpoint.keep": cfg.checkpoint.keep}
+    for name, value in positive.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SamaInputError(f"{name} must be a positive integer, got {value!r}")
+    frames = cfg.data.num_frames
+    if not isinstance(frames, int) or frames < 1 or (frames - 1) % 4:
+        raise SamaInputError(f"data.num_frames must be 4k+1 (1, 5, 9, 17, ...), got {frames!r}: the Wan VAE "
+                             "encodes the first frame alone, then 4 frames per latent frame")
+    if not cfg.data.datasets:
+        raise SamaInputError("data.datasets is empty: give SAMA-Shapes folders written by `python -m "
+                             "train.synthetic` (each holds video_edits.jsonl)")
+    if cfg.mixed_precision not in ("no", "bf16"):
+        raise SamaInputError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r} (fp16 "
+                             "overflows in the Wan VAE)")
+    for name in ("l1", "mse", "kl"):
+        if getattr(cfg.loss, name) < 0:
+            raise SamaInputError(f"loss.{name} must be >= 0, got {getattr(cfg.loss, name)}")
+
+
+def vae_config_from_dict(values: dict, overrides=(), base_dir=None) -> VAETrainConfig:
+    values = json.loads(json.dumps(values or {}))  # a deep copy
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(values, key, value)
+    if base_dir is not None and "base_dir" not in values:
+        values["base_dir"] = str(base_dir)
+    cfg = _build(VAETrainConfig, values, "")
+    validate_vae_config(cfg)
+    return cfg
+
+
+def load_vae_config(path, overrides=()) -> VAETrainConfig:
+    path = Path(path)
+    if not path.exists():
+        raise SamaFileNotFoundError(f"config file not found: {path} (see train/configs/shapes_vae.yaml)")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SamaInputError(f"{path} is not valid YAML: {e}") from None
+    return vae_config_from_dict(values, overrides, base_dir=path.resolve().parent)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def dataset_clip_paths(folder) -> list[Path]:
+    """Every distinct source and target clip of a SAMA-Shapes folder's video_edits.jsonl, sorted."""
+    from .synthetic import MANIFEST_NAMES, read_manifest
+    manifest = Path(folder) / MANIFEST_NAMES["video_edits"]
+    if not manifest.is_file():
+        raise SamaFileNotFoundError(f"{folder} has no {manifest.name}: give a folder written by "
+                                    "`python -m train.synthetic --out FOLDER ...`")
+    paths = {Path(row[key]) for row in read_manifest(manifest) for key in ("source_video", "target_video")}
+    return sorted(paths)
+
+
+class ClipPool:
+    """Training clips read on demand; batch n is a pure function of (seed, n) (what makes resume exact)."""
+
+    def __init__(self, paths: list[Path]):
+        if not paths:
+            raise SamaInputError("no clips to train the VAE on")
+        self.paths = list(paths)
+
+    @classmethod
+    def from_datasets(cls, folders) -> "ClipPool":
+        return cls([p for folder in folders for p in dataset_clip_paths(folder)])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> torch.Tensor:
+        from .synthetic import load_clip
+        return load_clip(self.paths[index])  # (F, H, W, 3) in [0, 1]
+
+    def batch(self, step: int, global_batch: int, num_frames: int, seed: int, hflip: bool,
+              z_dim: int = LATENT_CHANNELS) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frames (B, 3, F, H, W) in [-1, 1], posterior noise (B, z, T, H/8, W/8)) of a global batch."""
+        g = torch.Generator().manual_seed(derive_seed(seed, "vae-batch", step))
+        windows = []
+        for index in torch.randint(len(self.paths), (global_batch,), generator=g).tolist():
+            clip = self.load(index)
+            if clip.shape[0] < num_frames:
+                raise SamaInputError(f"{self.paths[index]} has {clip.shape[0]} frames, fewer than "
+                                     f"data.num_frames={num_frames}: lower data.num_frames")
+            start = int(torch.randint(clip.shape[0] - num_frames + 1, (1,), generator=g))
+            window = clip[start:start + num_frames]  # (F, H, W, 3)
+            if hflip and bool(torch.rand((), generator=g) < 0.5):
+                window = window.flip(2)
+            windows.append(window.permute(3, 0, 1, 2) * 2.0 - 1.0)  # (3, F, H, W)
+        frames = torch.stack(windows)  # (B, 3, F, H, W)
+        b, _, f, h, w = frames.shape
+        noise = torch.randn((b, z_dim, 1 + (f - 1) // 4, h // 8, w // 8), generator=g)
+        return frames, noise
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def build_vae(arch: VAEArchConfig, seed: int):
+    from diffusers import AutoencoderKLWan
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # Wan2.1's layout except the width: the only layout sama_core.vae.save_original_layout converts.
+        vae = AutoencoderKLWan(base_dim=arch.base_dim, z_dim=arch.z_dim)
+    with torch.no_grad():
+        # Start with a narrow posterior (std ~ e^-4): with PyTorch's default init the log-variance starts
+        # near 0, i.e. unit noise on latents of much smaller magnitude, and the decoder learns nothing until
+        # the encoder has pushed it down (thousands of steps, measured). The KL term widens it again
+        # where the reconstruction allows.
+        vae.quant_conv.bias[arch.z_dim:] = INITIAL_LOGVAR
+    return vae
+
+
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """Latents (B, z, T, h, w) -> frames (B, 3, 1 + 4(T - 1), 8h, 8w), NOT clamped to [-1, 1].
+
+    diffusers' decode clamps its output, which zeroes the gradient of every pixel that overshoots, so a
+    training step could never pull those back. This is the same frame-by-frame causal decode as
+    diffusers 0.42's `AutoencoderKLWan._decode` without the clamp (a test checks that clamping this gives
+    exactly `vae.decode(z).sample`)."""
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    frames = []
+    for i in range(z.shape[2]):
+        vae._conv_idx = [0]
+        frames.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=(i == 0)))
+    vae.clear_cache()
+    return torch.cat(frames, dim=2)
+
+
+class ReconstructionModel(torch.nn.Module):
+    """encode -> sample the posterior with the given noise -> decode; one forward, so DDP can wrap it."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, frames: torch.Tensor, noise: torch.Tensor):
+        posterior = self.vae.encode(frames).latent_dist
+        z = posterior.mean + posterior.std * noise.to(posterior.mean)  # (B, 16, T, h, w)
+        return decode_unclamped(self.vae, z), posterior.mean, posterior.logvar
+
+
+@dataclasses.dataclass
+class VAELoss:
+    total: torch.Tensor
+    l1: torch.Tensor
+    mse: torch.Tensor
+    kl: torch.Tensor
+
+
+def reconstruction_loss(recon: torch.Tensor, frames: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
+                        weights: VAELossConfig) -> VAELoss:
+    """L1 + MSE over pixels, KL(N(mean, exp(logvar)) || N(0, 1)) per latent element; all means."""
+    diff = recon.float() - frames.float()
+    l1, mse = diff.abs().mean(), diff.pow(2).mean()
+    kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).mean()
+    return VAELoss(weights.l1 * l1 + weights.mse * mse + weights.kl * kl, l1, mse, kl)
+
+
+def psnr_from_mse(mse: float, value_range: float = 2.0) -> float:
+    """PSNR in dB for an MSE measured on values spanning `value_range` ([-1, 1]: 2)."""
+    return float("inf") if mse <= 0 else 10.0 * math.log10(value_range ** 2 / mse)
+
+
+def phase(cfg: VAETrainConfig, step: int) -> tuple[int, int]:
+    """(frames per sample, samples per process) of a step: single frames first, then clips."""
+    if step < cfg.data.image_steps:
+        return 1, cfg.data.image_batch_size
+    if cfg.data.long_from_step is not None and step >= cfg.data.long_from_step:
+        return cfg.data.long_num_frames, cfg.data.long_batch_size
+    return cfg.data.num_frames, cfg.batch_size
+
+
+def learning_rate(cfg: VAETrainConfig, step: int) -> float:
+    warmup = cfg.optim.warmup_steps
+    return cfg.optim.lr * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+
+
+# ------------------------------------------------------------------------------ latent normalisation
+
+@torch.no_grad()
+def latent_statistics(vae, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (float64, (z,)) of the posterior mean over every latent position of the
+    clips ((F, H, W, 3) in [0, 1] each)."""
+    total = sq = None
+    count = 0
+    for clip in clips:
+        x = (clip.permute(3, 0, 1, 2)[None] * 2.0 - 1.0).to(next(vae.parameters()).dtype)  # (1, 3, F, H, W)
+        mu = vae.encode(x).latent_dist.mean.double()  # (1, z, T, h, w)
+        values = mu.transpose(0, 1).flatten(1)  # (z, T * h * w)
+        total = values.sum(1) if total is None else total + values.sum(1)
+        sq = values.pow(2).sum(1) if sq is None else sq + values.pow(2).sum(1)
+        count += values.shape[1]
+    mean = total / count
+    std = (sq / count - mean.pow(2)).clamp_min(0).sqrt()
+    return mean, std
+
+
+@torch.no_grad()
+def fold_latent_normalisation(vae, mean, std, target_mean=WAN21_LATENTS_MEAN, target_std=WAN21_LATENTS_STD):
+    """Make the VAE's posterior mean have per-channel `target_mean` / `target_std` where it had `mean` / `std`
+    (in place; returns the scale a and shift c of mu' = a mu + c).
+
+    encoder: quant_conv's mu rows become a * W, a * b + c; its logvar rows get + 2 log a (the posterior
+    std scales with mu). decoder: post_quant_conv takes z' = a z + c, so its weight columns are divided by
+    a and its bias loses P (c / a). Both convs are 1x1x1, i.e. per-voxel linear maps: the fold is exact."""
+    z_dim = vae.config.z_dim
+    std = torch.as_tensor(std, dtype=torch.float64)
+    std = torch.maximum(std, STD_FLOOR_FRACTION * std.max())
+    a = torch.as_tensor(target_std, dtype=torch.float64) / std  # (z,)
+    c = torch.as_tensor(target_mean, dtype=torch.float64) - a * torch.as_tensor(mean, dtype=torch.float64)
+
+    enc = vae.quant_conv  # weight (2z, 2z, 1, 1, 1): rows [0, z) -> mu, [z, 2z) -> logvar
+    w, b = enc.weight.double(), enc.bias.double()
+    w[:z_dim] *= a.view(-1, 1, 1, 1, 1)
+    b[:z_dim] = a * b[:z_dim] + c
+    b[z_dim:] += 2.0 * a.log()
+    enc.weight.copy_(w.to(enc.weight.dtype))
+    enc.bias.copy_(b.to(enc.bias.dtype))
+
+    dec = vae.post_quant_conv  # weight (z, z, 1, 1, 1)
+    p, q = dec.weight.double(), dec.bias.double()
+    q = q - p.view(z_dim, z_dim) @ (c / a)
+    p = p / a.view(1, -1, 1, 1, 1)
+    dec.weight.copy_(p.to(dec.weight.dtype))
+    dec.bias.copy_(q.to(dec.bias.dtype))
+    return a.float(), c.float()
+
+
+# --------------------------------------------------------------------------------------------- export
+
+@torch.no_grad()
+def reconstruction_psnr(wan_vae, clips: list[torch.Tensor]) -> float:
+    """Mean PSNR (dB, [0, 1] pixels) of decode(encode(clip)) through sama_core's WanVAE (the bundle's path)."""
+    values = []
+    for clip in clips:
+        x = clip.permute(3, 0, 1, 2)[None] * 2.0 - 1.0  # (1, 3, F, H, W)
+        y = wan_vae.decode(wan_vae.encode(x))
+        mse = float(((y - x) / 2.0).pow(2).mean())
+        values.append(psnr_from_mse(mse, 1.0))
+    return float(sum(values) / len(values))
+
+
+def _pick_clips(pool: ClipPool, count: int, seed: int, label: str) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(derive_seed(seed, label))
+    order = torch.randperm(len(pool), generator=g)[:count].tolist()
+    return [pool.load(i) for i in order]
+
+
+def export_vae(cfg: VAETrainConfig, vae, pool: ClipPool, step: int, used_ema: bool) -> Path:
+    """final/: the VAE with the latent normalisation folded in (original layout), and its statistics."""
+    from sama_core.vae import WanVAE, save_original_layout
+    out = cfg.output_path
+    final, tmp = out / FINAL_DIR, out / f".tmp-{FINAL_DIR}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    vae = copy.deepcopy(vae).float().eval()
+    stats_clips = _pick_clips(pool, min(cfg.data.stats_clips, len(pool)), cfg.seed, "vae-stats")
+    raw_mean, raw_std = latent_statistics(vae, stats_clips)
+    scale, shift = fold_latent_normalisation(vae, raw_mean, raw_std)
+    save_original_layout(vae, tmp / VAE_FILE)
+
+    # Check the written file through sama_core's loader: normalised latents ~ N(0, 1) per channel.
+    loaded = WanVAE.from_file(tmp / VAE_FILE)
+    check_mean, check_std = latent_statistics(loaded.model, stats_clips)
+    norm_mean = (check_mean - torch.tensor(WAN21_LATENTS_MEAN, dtype=torch.float64)) / torch.tensor(
+        WAN21_LATENTS_STD, dtype=torch.float64)
+    norm_std = check_std / torch.tensor(WAN21_LATENTS_STD, dtype=torch.float64)
+    report = {
+        "step": step, "ema": used_ema, "base_dim": cfg.model.base_dim, "stats_clips": len(stats_clips),
+        "raw_mean": _rounded(raw_mean), "raw_std": _rounded(raw_std),
+        "fold": {"target": "Wan2.1 latents_mean / latents_std", "scale": _rounded(scale),
+                 "shift": _rounded(shift), "std_floor_fraction": STD_FLOOR_FRACTION},
+        "normalized_mean": _rounded(norm_mean), "normalized_std": _rounded(norm_std),
+        "train_psnr": reconstruction_psnr(loaded, stats_clips[: cfg.data.eval_clips]),
+    }
+    if cfg.data.eval_dataset:
+        heldout = ClipPool.from_datasets([cfg.resolve_path(cfg.data.eval_dataset)])
+        report["heldout_psnr"] = reconstruction_psnr(
+            loaded, _pick_clips(heldout, min(cfg.data.eval_clips, len(heldout)), cfg.seed, "vae-eval"))
+    (tmp / STATS_FILE).write_text(json.dumps(report, indent=1) + "\n")
+    (tmp / "export.json").write_text(json.dumps({"step": step, "ema": used_ema}, indent=1) + "\n")
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    log.info("exported the VAE (step %d, %s weights) to %s: reconstruction PSNR %.2f dB on training clips%s",
+             step, "EMA" if used_ema else "raw", final, report["train_psnr"],
+             f", {report['heldout_psnr']:.2f} dB held out" if "heldout_psnr" in report else "")
+    return final
+
+
+def _rounded(t) -> list:
+    return [round(float(v), 6) for v in t]
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
+    """Train (or continue) the VAE; returns the final/ export folder."""
+    from accelerate import Accelerator
+
+    from .ema import EMA
+
+    out = cfg.output_path
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    pool = ClipPool.from_datasets([cfg.resolve_path(d) for d in cfg.data.datasets])
+    vae = build_vae(cfg.model, cfg.seed)
+    model = ReconstructionModel(vae).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = EMA(unwrapped.named_parameters(), cfg.ema.decay) if cfg.ema.enabled else None
+    log.info("VAE base_dim %d: %.2fM parameters; %d training clips; %d process(es); %d steps of %d single "
+             "frames, then batches of %d x %d frames to step %d", cfg.model.base_dim,
+             sum(p.numel() for p in unwrapped.parameters()) / 1e6, len(pool), accelerator.num_processes,
+             cfg.data.image_steps, cfg.data.image_batch_size, cfg.batch_size, cfg.data.num_frames, cfg.max_steps)
+
+    step = 0
+    resume_from = ckpt.resolve_resume(out, resume)
+    if resume_from is not None:
+        step = ckpt.load_checkpoint(accelerator, resume_from, ema)["step"]
+
+    metrics_path = out / "logs" / "metrics.jsonl"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    rank = accelerator.process_index
+    sums, count, samples, t0 = torch.zeros(4), 0, 0, time.perf_counter()
+    bar = _progress_bar(cfg, accelerator, step)
+    while step < cfg.max_steps:
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        num_frames, batch_size = phase(cfg, step)
+        frames, noise = pool.batch(step, batch_size * accelerator.num_processes, num_frames, cfg.seed,
+                                   cfg.data.hflip)
+        part = slice(rank * batch_size, (rank + 1) * batch_size)  # this process's share
+        with accelerator.autocast():
+            recon, mean, logvar = model(frames[part].to(accelerator.device), noise[part].to(accelerator.device))
+        loss = reconstruction_loss(recon, frames[part].to(accelerator.device), mean, logvar, cfg.loss)
+        accelerator.backward(loss.total)
+        if cfg.optim.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if ema is not None:
+            ema.update(unwrapped.named_parameters())
+        total = float(loss.total.detach())
+        if not math.isfinite(total):
+            raise SamaInputError(f"the VAE loss became {total} at step {step}: lower optim.lr or resume from an "
+                                 "earlier checkpoint")
+        sums += torch.stack([loss.total, loss.l1, loss.mse, loss.kl]).detach().float().cpu()
+        count += 1
+        samples += batch_size * accelerator.num_processes
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.log.every == 0 or step == cfg.max_steps:
+            means = accelerator.reduce(sums.to(accelerator.device) / count, reduction="mean").cpu().tolist()
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            row = {"step": step, "loss": means[0], "l1": means[1], "mse": means[2], "kl": means[3],
+                   "psnr": psnr_from_mse(means[2]), "lr": lr, "frames": num_frames,
+                   "steps_per_s": count / elapsed, "samples_per_s": samples / elapsed}
+            if accelerator.is_main_process:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                log.info("step %d  loss %.5f  l1 %.4f  mse %.5f (%.2f dB)  kl %.3f  lr %.3g  %.2f steps/s", step,
+                         row["loss"], row["l1"], row["mse"], row["psnr"], row["kl"], lr, row["steps_per_s"])
+            sums, count, samples, t0 = torch.zeros(4), 0, 0, time.perf_counter()
+        if step % cfg.checkpoint.every == 0 or step == cfg.max_steps:
+            ckpt.save_checkpoint(accelerator, out, step, ema, {"kind": "vae"}, cfg.checkpoint.keep)
+    if bar is not None:
+        bar.close()
+
+    final = out / FINAL_DIR
+    if accelerator.is_main_process:
+        use_ema = ema is not None
+        weights = copy.deepcopy(unwrapped.vae)
+        if use_ema:
+            # EMA names are the wrapper's ("vae.encoder...."); copy them into the plain VAE's parameters.
+            params = dict(weights.named_parameters())
+            with torch.no_grad():
+                for name, shadow in ema.shadow.items():
+                    params[name.removeprefix("vae.")].copy_(shadow)
+        final = export_vae(cfg, weights.cpu(), pool, step, use_ema)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def _progress_bar(cfg: VAETrainConfig, accelerator, step: int):
+    if not (cfg.log.progress_bar and accelerator.is_main_process):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=cfg.max_steps, initial=step, desc="vae", unit="step", leave=False)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="python -m train.vae_train",
+                                     description="Train the tiny SAMA-Shapes Wan VAE (resumable).")
+    parser.add_argument("--config", required=True, help="YAML config (train/configs/shapes_vae.yaml)")
+    parser.add_argument("--resume", default=None, help="'latest' (or a fresh start) or a checkpoint folder")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. max_steps=100 model.base_dim=8")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_vae_config(args.config, args.overrides)
+        final = train_vae(cfg, resume=args.resume)
+    except SamaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: resume with --resume latest", file=sys.stderr)
+        return 130
+    print(f"VAE exported to {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
