@@ -115,6 +115,17 @@ def test_reconstruction_loss_is_the_documented_formula():
     assert float(loss.kl) == pytest.approx(kl, rel=1e-5)
     assert float(loss.total) == pytest.approx(0.5 * l1 + 2.0 * mse + 0.1 * kl, rel=1e-5)
 
+    # the low-pass term: squared error of the 8x8-pixel block means, per frame and channel (loops, not pooling)
+    lowpass = VAELossConfig(l1=0.5, mse=2.0, kl=0.1, lowpass=3.0)
+    recon16, frames16 = torch.randn(1, 3, 2, 16, 16, generator=g), torch.rand(1, 3, 2, 16, 16, generator=g)
+    m16, v16 = torch.zeros(1, 16, 1, 2, 2), torch.zeros(1, 16, 1, 2, 2)
+    base = reconstruction_loss(recon16, frames16, m16, v16, weights)
+    with_lowpass = reconstruction_loss(recon16, frames16, m16, v16, lowpass)
+    d = (recon16 - frames16)[0]
+    blocks = [float(d[c, f, 8 * i:8 * i + 8, 8 * j:8 * j + 8].mean()) ** 2
+              for c in range(3) for f in range(2) for i in range(2) for j in range(2)]
+    assert float(with_lowpass.total - base.total) == pytest.approx(3.0 * sum(blocks) / len(blocks), rel=1e-4)
+
 
 def test_clip_pool_batches_are_windows_of_the_clips_and_a_function_of_the_step(train_set):
     pool = ClipPool.from_datasets([train_set])
