@@ -112,8 +112,8 @@ def test_atheris_finds_no_uncaught_exception(target, tmp_path):
     pytest.importorskip("atheris", reason="atheris is in requirements-dev.txt (Linux wheels)")
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, str(repo / "fuzz" / "fuzz_inputs.py"), target, "-runs=1000", "-rss_limit_mb=8192",
-                           "-max_len=8192", "-seed=1", f"-artifact_prefix={tmp_path}/"],
+    done = subprocess.run([sys.executable, str(repo / "fuzz" / "fuzz_inputs.py"), target, "-runs=1000",
+                           "-rss_limit_mb=8192", "-max_len=8192", "-seed=1", f"-artifact_prefix={tmp_path}/"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "DONE" in done.stderr and list(tmp_path.glob("crash-*")) == []
