@@ -80,6 +80,12 @@ INITIAL_LOGVAR = -8.0
 class VAEArchConfig:
     base_dim: int = 12                  # Wan2.1's is 96
     z_dim: int = LATENT_CHANNELS        # fixed by SAMA (16); checked
+    # "default": PyTorch's layer init (diffusers builds the model for loading, not training): at init the
+    # latents barely depend on the input (std across a batch 0.03) and training stalled near the mean colour.
+    # "kaiming_zero": Kaiming-normal convolutions, zero biases, and every residual branch (second conv of
+    # each residual block, the middle attention's proj) zero, so each block starts as the identity. Probe
+    # (flat colour + disc images, lr 3e-4): 21 dB after 400 steps against 12 dB with "default" (measured).
+    init: str = "default"
 
 
 @dataclasses.dataclass
@@ -160,6 +166,8 @@ class VAETrainConfig:
 
 
 def validate_vae_config(cfg: VAETrainConfig) -> None:
+    if cfg.model.init not in ("default", "kaiming_zero"):
+        raise SamaInputError(f"model.init must be 'default' or 'kaiming_zero', got {cfg.model.init!r}")
     if cfg.model.z_dim != LATENT_CHANNELS:
         raise SamaInputError(f"model.z_dim must be {LATENT_CHANNELS} (the Wan2.1 latent channels the SAMA DiT "
                              f"reads), got {cfg.model.z_dim}")
@@ -272,6 +280,8 @@ def build_vae(arch: VAEArchConfig, seed: int):
         torch.manual_seed(seed)
         # Wan2.1's layout except the width: the only layout sama_core.vae.save_original_layout converts.
         vae = AutoencoderKLWan(base_dim=arch.base_dim, z_dim=arch.z_dim)
+        if arch.init == "kaiming_zero":
+            kaiming_zero_init(vae)
     with torch.no_grad():
         # Start with a narrow posterior (std ~ e^-4): with PyTorch's default init the log-variance starts
         # near 0, i.e. unit noise on latents of much smaller magnitude, and the decoder learns nothing until
@@ -279,6 +289,22 @@ def build_vae(arch: VAEArchConfig, seed: int):
         # where the reconstruction allows.
         vae.quant_conv.bias[arch.z_dim:] = INITIAL_LOGVAR
     return vae
+
+
+@torch.no_grad()
+def kaiming_zero_init(vae) -> None:
+    """VAEArchConfig.init = "kaiming_zero" (see there): a trainable start for a from-scratch Wan VAE."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanResidualBlock
+    for module in vae.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if module.bias is not None:
+                module.bias.zero_()
+    for module in vae.modules():
+        if isinstance(module, WanResidualBlock):
+            module.conv2.weight.zero_()
+        elif isinstance(module, WanAttentionBlock):
+            module.proj.weight.zero_()
 
 
 def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
