@@ -122,13 +122,15 @@ def test_atheris_finds_no_uncaught_exception(target, tmp_path):
 def test_a_binary_training_config_is_refused_with_a_message(tmp_path):
     """The first atheris finding: a non-UTF-8 config file raised UnicodeDecodeError from deep inside."""
     from train.config import load_config
+    from train.vae_train import load_vae_config
     path = tmp_path / "config.yaml"
-    path.write_bytes(b"seed: 0\n\xff\xfe\x00junk")
-    with pytest.raises(SamaError, match="not a UTF-8 text file"):
-        load_config(path)
-    path.write_text("- just\n- a list\n")
-    with pytest.raises(SamaError, match="not a mapping of settings"):
-        load_config(path)
+    for loader in (load_config, load_vae_config):  # both trainers read configs through one reader
+        path.write_bytes(b"seed: 0\n\xff\xfe\x00junk")
+        with pytest.raises(SamaError, match="not a UTF-8 text file"):
+            loader(path)
+        path.write_text("- just\n- a list\n")
+        with pytest.raises(SamaError, match="not a mapping of settings"):
+            loader(path)
 
 
 def test_malformed_api_workflows_get_a_workflow_error():

@@ -289,33 +289,46 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def config_from_dict(values: dict, overrides: list[str] = (), base_dir=None) -> TrainConfig:
+def build_config(cls, values: dict, overrides=(), base_dir=None):
+    """A config dataclass (`cls`) from plain values + `key=value` overrides, not yet validated. Relative
+    paths will resolve against base_dir (the config file's folder). Shared by train/ and train.vae_train."""
     values = json.loads(json.dumps(values or {}))  # a deep copy
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(values, key, value)
     if base_dir is not None and "base_dir" not in values:
         values["base_dir"] = str(base_dir)
-    cfg = _build(TrainConfig, values, "")
+    return _build(cls, values, "")
+
+
+def read_config_file(path, example: str = "train/configs/") -> tuple[dict, Path]:
+    """(the YAML mapping of a config file, its folder); one clear error for a missing, non-UTF-8, invalid or
+    non-mapping file."""
+    path = Path(path)
+    if not path.exists():
+        raise SamaFileNotFoundError(f"config file not found: {path} (see {example} for examples)")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:  # found by fuzz/fuzz_inputs.py train_config
+        raise SamaInputError(f"{path} is not a UTF-8 text file ({e.reason} at byte {e.start}): give the YAML "
+                             f"training config, e.g. one of {example}") from None
+    except yaml.YAMLError as e:
+        raise SamaInputError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise SamaInputError(f"{path} holds a YAML {type(values).__name__}, not a mapping of settings: see "
+                             f"{example} for the layout")
+    return values, path.resolve().parent
+
+
+def config_from_dict(values: dict, overrides: list[str] = (), base_dir=None) -> TrainConfig:
+    cfg = build_config(TrainConfig, values, overrides, base_dir)
     validate(cfg)
     return cfg
 
 
 def load_config(path, overrides: list[str] = ()) -> TrainConfig:
-    path = Path(path)
-    if not path.exists():
-        raise SamaFileNotFoundError(f"config file not found: {path} (see train/configs/ for examples)")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as e:  # found by fuzz/fuzz_inputs.py train_config
-        raise SamaInputError(f"{path} is not a UTF-8 text file ({e.reason} at byte {e.start}): give the YAML "
-                             "training config, e.g. one of train/configs/") from None
-    except yaml.YAMLError as e:
-        raise SamaInputError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(values, dict):
-        raise SamaInputError(f"{path} holds a YAML {type(values).__name__}, not a mapping of settings: see "
-                             "train/configs/ for the layout")
-    return config_from_dict(values, overrides, base_dir=path.resolve().parent)
+    values, folder = read_config_file(path)
+    return config_from_dict(values, overrides, base_dir=folder)
 
 
 def save_config(cfg: TrainConfig, path) -> None:

@@ -60,7 +60,7 @@ from sama_core.errors import SamaError, SamaFileNotFoundError, SamaInputError
 from sama_core.vae import LATENT_CHANNELS, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
 
 from . import checkpoint as ckpt
-from .config import CheckpointConfig, EMAConfig, _build, _set_dotted, parse_override
+from .config import CheckpointConfig, EMAConfig, build_config, read_config_file
 from .data import derive_seed
 
 log = logging.getLogger(__name__)
@@ -197,26 +197,14 @@ def validate_vae_config(cfg: VAETrainConfig) -> None:
 
 
 def vae_config_from_dict(values: dict, overrides=(), base_dir=None) -> VAETrainConfig:
-    values = json.loads(json.dumps(values or {}))  # a deep copy
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(values, key, value)
-    if base_dir is not None and "base_dir" not in values:
-        values["base_dir"] = str(base_dir)
-    cfg = _build(VAETrainConfig, values, "")
+    cfg = build_config(VAETrainConfig, values, overrides, base_dir)
     validate_vae_config(cfg)
     return cfg
 
 
 def load_vae_config(path, overrides=()) -> VAETrainConfig:
-    path = Path(path)
-    if not path.exists():
-        raise SamaFileNotFoundError(f"config file not found: {path} (see train/configs/shapes_vae.yaml)")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SamaInputError(f"{path} is not valid YAML: {e}") from None
-    return vae_config_from_dict(values, overrides, base_dir=path.resolve().parent)
+    values, folder = read_config_file(path, example="train/configs/shapes_vae.yaml")
+    return vae_config_from_dict(values, overrides, base_dir=folder)
 
 
 # ----------------------------------------------------------------------------------------------- data
