@@ -94,16 +94,10 @@ class SequenceParallel:
             if heads < self.size:
                 raise SamaInputError(f"{self.size} processes share the sequence but the model has {heads} "
                                      f"attention heads: use at most {heads} processes")
-            qh, kh, vh = by_heads(q), by_heads(k), by_heads(v)
-            local_heads = qh.to_local().shape[2]
-            out = attention(qh.to_local(), kh.to_local(), vh.to_local())  # (B, L, H/P * hd)
-            out = out.unflatten(2, (local_heads, head_dim))
-            from torch.distributed.tensor import DTensor
-            full_shape = torch.Size((*out.shape[:2], heads, out.shape[3]))
-            out = DTensor.from_local(out, self.mesh, [Shard(2)], run_check=False, shape=full_shape,
-                                     stride=torch.empty(full_shape, device="meta").stride())
-            out = out.redistribute(self.mesh, [Shard(1)]).to_local()  # (B, L/P, H, hd)
-            return out.flatten(2)
+            qh, kh, vh = (by_heads(t).to_local() for t in (q, k, v))
+            out = attention(qh, kh, vh).unflatten(2, (qh.shape[2], head_dim))  # (B, L, H/P, hd)
+            out = self._as_dtensor(out, 2, heads).redistribute(self.mesh, [Shard(1)])
+            return out.to_local().flatten(2)  # (B, L/P, H * hd)
 
         return sharded
 

@@ -18,3 +18,13 @@ def golden_dir():
     if not (GOLDEN / "tiny_sama.safetensors").exists():
         pytest.skip(f"golden tensors not found at {GOLDEN} (they live in ../shared/golden)")
     return GOLDEN
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; tests that build Accelerators start from a clean state
+    (files opt in with `pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")`)."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield

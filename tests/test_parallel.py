@@ -2,7 +2,6 @@
 processes gives the single-process output (fp32), for both RoPE paths, uneven token and head splits, and
 gradients; the same through the `edit` command under torchrun."""
 
-import json
 import os
 import subprocess
 import sys
@@ -23,26 +22,28 @@ from tiny_models import TINY, tiny_dit, tiny_inputs  # noqa: E402
 THREE_HEADS = SamaConfig(**{**TINY.to_dict(), "dim": 96, "num_heads": 3})  # head_dim 32; 3 heads over 2 ranks
 
 
+def _forward(config, rope, backward, sp):
+    """The tiny DiT's outputs (and gradients) on fixed inputs, split over `sp` (None: one process)."""
+    model = enable_sequence_parallel(tiny_dit(config, rope=rope), sp)
+    inputs = tiny_inputs(config, frames=3, size=6, num_semantic=5)  # L = 27 + 5 + 27 = 59: uneven
+    if not backward:
+        with torch.no_grad():
+            out = model(**inputs)
+        return {"video": out.video, "semantic": out.semantic}
+    inputs["target"].requires_grad_(True)
+    out = model(**inputs)
+    (out.video.square().mean() + out.semantic.square().mean()).backward()
+    return {"video": out.video.detach(), "semantic": out.semantic.detach(), "grad": inputs["target"].grad,
+            "weight_grad": model.blocks[0].self_attn.q.weight.grad}
+
+
 def _worker(rank, world, init_file, out_dir, config_dict, rope, backward):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        config = SamaConfig.from_dict(config_dict)
-        model = tiny_dit(config, rope=rope)
-        inputs = tiny_inputs(config, frames=3, size=6, num_semantic=5)  # L = 27 + 5 + 27 = 59: uneven
         sp = SequenceParallel.from_world(device_type="cpu")
-        enable_sequence_parallel(model, sp)
-        if backward:
-            inputs["target"].requires_grad_(True)
-            out = model(**inputs)
-            (out.video.square().mean() + out.semantic.square().mean()).backward()
-            result = {"video": out.video.detach(), "semantic": out.semantic.detach(),
-                      "grad": inputs["target"].grad, "weight_grad": model.blocks[0].self_attn.q.weight.grad}
-        else:
-            with torch.no_grad():
-                out = model(**inputs)
-            result = {"video": out.video, "semantic": out.semantic}
+        result = _forward(SamaConfig.from_dict(config_dict), rope, backward, sp)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -55,17 +56,7 @@ def _run(tmp_path, world, config=TINY, rope="exact", backward=False):
 
 
 def _reference(config=TINY, rope="exact", backward=False):
-    model = tiny_dit(config, rope=rope)
-    inputs = tiny_inputs(config, frames=3, size=6, num_semantic=5)
-    if not backward:
-        with torch.no_grad():
-            out = model(**inputs)
-        return {"video": out.video, "semantic": out.semantic}
-    inputs["target"].requires_grad_(True)
-    out = model(**inputs)
-    (out.video.square().mean() + out.semantic.square().mean()).backward()
-    return {"video": out.video.detach(), "semantic": out.semantic.detach(), "grad": inputs["target"].grad,
-            "weight_grad": model.blocks[0].self_attn.q.weight.grad}
+    return _forward(config, rope, backward, sp=None)
 
 
 @pytest.mark.parametrize("world,config,rope", [(2, TINY, "exact"), (3, THREE_HEADS, "fast"), (2, THREE_HEADS, "exact")],

@@ -21,12 +21,7 @@ ADAPTED = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_at
            "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 def lora_model(rank=4, alpha=8.0, seed=0):

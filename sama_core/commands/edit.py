@@ -189,21 +189,21 @@ def run(args) -> int:
 
 def _edit(args, sp) -> int:
     pipe = build_pipeline(args)
-    out, callback = args.out, progress_bar()
+    writer = sp is None or sp.rank == 0  # every process runs the same edit (same seed, shapes); one writes it
+    out = args.out
     if sp is not None:
         from ..parallel import enable_sequence_parallel
         enable_sequence_parallel(pipe.dit, sp)
-        if sp.rank != 0:  # the same edit (same seed, same shapes) on every process; rank 0 writes it
-            import tempfile
-            from pathlib import Path
-            out = Path(tempfile.mkdtemp(prefix="sama-sp-")) / Path(args.out).name
-            callback = None
+    if not writer:
+        import tempfile
+        from pathlib import Path
+        out = Path(tempfile.mkdtemp(prefix="sama-sp-")) / Path(args.out).name
     settings = settings_from(args, negative=args.negative, use_prefix=not args.no_prefix,
                              anchor_image=args.anchor)
     options = options_from(pipe, args, anchor_strength=args.anchor_strength)
-    result = pipe.edit_file(args.video, args.prompt, out, settings, options,
-                            compare=args.compare and out == args.out, callback=callback)
-    if sp is not None and sp.rank != 0:
+    result = pipe.edit_file(args.video, args.prompt, out, settings, options, compare=args.compare and writer,
+                            callback=progress_bar() if writer else None)
+    if not writer:
         import shutil
         shutil.rmtree(out.parent, ignore_errors=True)
         return 0
