@@ -102,6 +102,19 @@ class SequenceParallel:
         return sharded
 
 
+def close_process_group(completed: bool = True) -> None:
+    """Leave the process group. After a completed run every process first waits for the others: a gloo
+    process that tears its group down while a peer is still inside a collective aborts the whole job
+    ("terminate called without an active exception", seen in CI). After an error it leaves at once, since
+    a failed peer may never reach the barrier."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def enable_sequence_parallel(model, sp: SequenceParallel | None):
     """Run `model` (a SamaDiT) with its tokens split over `sp`'s processes; None turns it off again."""
     model.sequence_parallel = sp

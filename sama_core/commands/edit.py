@@ -179,12 +179,15 @@ def start_sequence_parallel(args):
 
 def run(args) -> int:
     sp = start_sequence_parallel(args) if args.sequence_parallel else None
+    completed = False
     try:
-        return _edit(args, sp)
+        code = _edit(args, sp)
+        completed = True
+        return code
     finally:
         if sp is not None:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+            from ..parallel import close_process_group
+            close_process_group(completed)
 
 
 def _edit(args, sp) -> int:
