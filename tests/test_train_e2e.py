@@ -196,3 +196,36 @@ def test_raw_and_cached_training_agree_and_validation_writes_videos(ws, tmp_path
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     videos = sorted((tmp_path / "raw" / "validation" / "step-0000002").iterdir())
     assert [v.name for v in videos] == ["sample-0.mp4"] and videos[0].stat().st_size > 0
+
+
+def test_a_cache_with_anchor_tokens_serves_a_run_without_them(ws, tmp_path):
+    """The no-semantic-anchoring ablation trains from the full run's cache: the anchor tokens are dropped,
+    nothing is re-encoded, and the losses equal training without anchors from raw data."""
+    common = ["train.max_steps=2", "checkpoint.every=2", "model.init_from=null", "model.preset=tiny",
+              "model.config={text_dim: 24, siglip_dim: 48, siglip_hidden_dim: 40, dim: 64, ffn_dim: 96, "
+              "num_heads: 2, freq_dim: 32}", subset(ws, tmp_path, edits=[0, 1, 2, 3])]
+    with_anchors = config(ws, "config_stage1", f"output_dir={tmp_path / 'a'}", f"data.cache_dir={tmp_path / 'c'}",
+                          *common)
+    cache = build_cache(with_anchors)
+    assert json.loads((cache / CACHE_INDEX).read_text())["semantic"] is True
+    shards = {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-*")}
+
+    no_sa = ["data.semantic_anchoring=false", *common]
+    cached = config(ws, "config_stage1", f"output_dir={tmp_path / 'cached'}", f"data.cache_dir={cache}", *no_sa)
+    assert build_cache(cached) == cache  # accepted as it is
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-*")} == shards
+    raw = config(ws, "config_stage1", f"output_dir={tmp_path / 'raw'}", *no_sa)
+    raw_run, cached_run = train(raw), train(cached)
+    for a, b in zip(raw_run.history, cached_run.history, strict=True):
+        assert a["loss_semantic"] == 0 and b["loss_semantic"] == 0
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_a_cache_without_anchor_tokens_is_refused_for_semantic_anchoring(ws, tmp_path):
+    common = ["train.max_steps=1", "model.init_from=null", "model.preset=tiny", f"data.cache_dir={tmp_path / 'c'}",
+              f"output_dir={tmp_path / 'out'}", subset(ws, tmp_path, edits=[0, 1])]
+    build_cache(config(ws, "config_stage1", "data.semantic_anchoring=false", *common))
+    with_anchors = config(ws, "config_stage1", *common)
+    for step in (build_cache, train):
+        with pytest.raises(ValueError, match="built with data.semantic_anchoring=false .* rebuild it"):
+            step(with_anchors)

@@ -48,7 +48,7 @@ from .features import DTYPES, FeatureEncoders, latent_frames_of, pad_rows, valid
 log = logging.getLogger(__name__)
 
 CACHE_INDEX = "cache_index.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the index says whether samples carry anchor tokens ("semantic")
 SOURCE_MEMO_SIZE = 8
 
 
@@ -57,10 +57,12 @@ def shard_name(number: int) -> str:
 
 
 def cache_fingerprint(cfg) -> str:
-    """Settings (and manifest contents) that change the cached features: a cache built with others is refused."""
+    """Settings (and manifest contents) that change the cached features: a cache built with others is refused.
+
+    Not data.semantic_anchoring: it adds the anchor tokens and changes nothing else, so a cache built with
+    anchors also serves a run without them (the index says whether it has them; `CachedFeatureDataset`)."""
     settings = cfg.fingerprint("data.bucket_area", "data.bucket_multiple", "data.buckets", "data.frame_buckets",
-                           "data.frame_stride", "data.clip_start", "data.resize_mode", "data.semantic_anchoring",
-                           "data.num_anchors", "data.pretext_mix", "data.edit_prefix", "data.cache_dtype",
+                           "data.frame_stride", "data.clip_start", "data.resize_mode", "data.num_anchors", "data.pretext_mix", "data.edit_prefix", "data.cache_dtype",
                            "data.manifests", "encoders", "seed")
     return hashlib.sha256((settings + index_key(cfg)).encode()).hexdigest()[:16]
 
@@ -176,7 +178,8 @@ def write_feature_cache(cache_dir, samples: list[dict], fingerprint: str, negati
     for n, chunk in enumerate(shards):
         save_shard(cache_dir / shard_name(n), n, chunk, [])
     _atomic_save({"negative": negative.contiguous()}, cache_dir / "extras.safetensors", {})
-    _write_cache_index(cache_dir, len(shards), fingerprint, {}, [])
+    semantic = bool(samples) and all("semantic" in s for s in samples)
+    _write_cache_index(cache_dir, len(shards), fingerprint, {}, [], semantic)
     return cache_dir
 
 
@@ -190,7 +193,7 @@ def build_cache(cfg, accelerator=None, progress: bool = True) -> Path:
     world = accelerator.num_processes if accelerator else 1
     device = accelerator.device if accelerator else torch.device("cpu")
     fingerprint = cache_fingerprint(cfg)
-    _refuse_stale(cache_dir, fingerprint)
+    _refuse_stale(cache_dir, fingerprint, cfg.data.semantic_anchoring)
 
     if rank == 0:
         index = load_or_build_index(cfg, cache_dir / "data_index.json")
@@ -227,7 +230,8 @@ def build_cache(cfg, accelerator=None, progress: bool = True) -> Path:
     if accelerator:
         accelerator.wait_for_everyone()
     if rank == 0:
-        _write_cache_index(cache_dir, len(shards), fingerprint, _repeats(index), list(index.skipped))
+        _write_cache_index(cache_dir, len(shards), fingerprint, _repeats(index), list(index.skipped),
+                           cfg.data.semantic_anchoring)
     if accelerator:
         accelerator.wait_for_everyone()
     return cache_dir
@@ -243,7 +247,7 @@ def _unique_rows(index: DataIndex) -> list[int]:
     return out
 
 
-def _refuse_stale(cache_dir: Path, fingerprint: str) -> None:
+def _refuse_stale(cache_dir: Path, fingerprint: str, semantic_anchoring: bool) -> None:
     index_file = cache_dir / CACHE_INDEX
     if index_file.exists():
         saved = json.loads(index_file.read_text())
@@ -251,10 +255,21 @@ def _refuse_stale(cache_dir: Path, fingerprint: str) -> None:
             raise SamaInputError(
                 f"the cache in {cache_dir} was built with other data/encoder settings (fingerprint "
                 f"{saved.get('fingerprint')} != {fingerprint}); use a new data.cache_dir, or delete the old one")
+        _check_semantic(cache_dir, saved, semantic_anchoring)
 
 
-def _write_cache_index(cache_dir: Path, num_shards: int, fingerprint: str, repeats: dict, skipped: list) -> None:
-    """skipped: (where, reason) of the rows the index could not probe; shards add their decode failures."""
+def _check_semantic(cache_dir: Path, saved: dict, semantic_anchoring: bool) -> None:
+    if semantic_anchoring and not saved.get("semantic", False):
+        raise SamaInputError(
+            f"the cache in {cache_dir} was built with data.semantic_anchoring=false (no anchor tokens), but this "
+            "config trains with semantic anchoring: rebuild it into a new data.cache_dir, or set "
+            "data.semantic_anchoring=false")
+
+
+def _write_cache_index(cache_dir: Path, num_shards: int, fingerprint: str, repeats: dict, skipped: list,
+                       semantic: bool) -> None:
+    """skipped: (where, reason) of the rows the index could not probe; shards add their decode failures.
+    semantic: whether every sample carries its anchor tokens."""
     samples, skipped = [], [f"{where}: {reason}" for where, reason in skipped]
     for n in range(num_shards):
         path = cache_dir / shard_name(n)
@@ -265,8 +280,8 @@ def _write_cache_index(cache_dir: Path, num_shards: int, fingerprint: str, repea
         skipped.extend(json.loads(meta["skipped"]))
     if not samples:
         raise SamaInputError(f"the cache in {cache_dir} holds no sample: every row failed ({skipped[:3]})")
-    data = {"version": CACHE_VERSION, "fingerprint": fingerprint, "complete": True, "samples": samples,
-            "skipped": skipped}
+    data = {"version": CACHE_VERSION, "fingerprint": fingerprint, "complete": True, "semantic": semantic,
+            "samples": samples, "skipped": skipped}
     tmp = cache_dir / f".{CACHE_INDEX}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(data))
     os.replace(tmp, cache_dir / CACHE_INDEX)
@@ -296,9 +311,13 @@ def _progress(total: int, enabled: bool):
 # ---------------------------------------------------------------------------------------------- reading
 
 class CachedFeatureDataset(torch.utils.data.Dataset):
-    """Feature samples from a complete cache, for `BatchItem`s of the same batch plan as raw data."""
+    """Feature samples from a complete cache, for `BatchItem`s of the same batch plan as raw data.
 
-    def __init__(self, cache_dir, fingerprint: Optional[str] = None):
+    semantic_anchoring: False drops the anchor tokens of a cache that has them (one cache serves a run with
+    and one without semantic anchoring, e.g. the ablation); True refuses a cache without them; None takes
+    what the cache holds."""
+
+    def __init__(self, cache_dir, fingerprint: Optional[str] = None, semantic_anchoring: Optional[bool] = None):
         self.cache_dir = Path(cache_dir)
         index_file = self.cache_dir / CACHE_INDEX
         if not index_file.exists():
@@ -308,6 +327,9 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
         if fingerprint is not None and data.get("fingerprint") != fingerprint:
             raise SamaInputError(f"the cache in {self.cache_dir} was built with other data/encoder settings; rebuild "
                                  "it (`python -m train cache`) into a new data.cache_dir")
+        if semantic_anchoring is not None:
+            _check_semantic(self.cache_dir, data, semantic_anchoring)
+        self.semantic = data.get("semantic", False) if semantic_anchoring is None else semantic_anchoring
         # Repeated manifest rows were cached once; they come back `repeat` times here.
         self.samples = [s for s in data["samples"] for _ in range(s.get("repeat", 1))]
         self.skipped = data["skipped"]
@@ -341,7 +363,7 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
                 text = get(f"text/{pretext}")
             else:
                 source, text = get("source"), get("text")
-            semantic = get("semantic") if f"{sid}/semantic" in names else None
+            semantic = get("semantic") if self.semantic and f"{sid}/semantic" in names else None
             target = get("target")
         return {"index": item.index, "target": target, "source": source, "text": text, "semantic": semantic,
                 "valid_latent_frames": s["valid_latent_frames"], "seed": item.seed, "pretext": item.pretext,

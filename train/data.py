@@ -366,7 +366,9 @@ def load_or_build_index(cfg, path: Path) -> DataIndex:
 def index_key(cfg) -> str:
     h = hashlib.sha256()
     for m in cfg.manifest_specs():
-        h.update(json.dumps(dataclasses.asdict(m)).encode())
+        # The real file, links followed: a run whose data folder links to another run's (an ablation that
+        # reuses it) has the same index, so the same cache fingerprint.
+        h.update(json.dumps({**dataclasses.asdict(m), "path": str(Path(m.path).resolve())}).encode())
         h.update(Path(m.path).read_bytes())
     h.update(cfg.fingerprint("data.bucket_area", "data.bucket_multiple", "data.buckets", "data.frame_buckets",
                              "data.frame_stride").encode())

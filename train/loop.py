@@ -106,7 +106,8 @@ def build_training_data(cfg: TrainConfig, accelerator) -> TrainingData:
     parts = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * accelerator.num_processes
     pretext_names_in(cfg.data.pretext_mix)  # validates the names
     if cfg.data.cache_dir:
-        dataset = CachedFeatureDataset(cfg.resolve_path(cfg.data.cache_dir), cache_fingerprint(cfg))
+        dataset = CachedFeatureDataset(cfg.resolve_path(cfg.data.cache_dir), cache_fingerprint(cfg),
+                                       cfg.data.semantic_anchoring)
         check_stage_data(cfg, {s["kind"] for s in dataset.samples})
         plan = BucketBatchPlan(dataset.bucket_members(), parts, cfg.seed, cfg.data.pretext_mix)
         return TrainingData(dataset, collate_features, plan, None, len(dataset.skipped), cached=dataset)
