@@ -328,6 +328,60 @@ def test_demo_clip_is_a_clear_colour_edit_of_the_demo_split():
     assert edit.change["to"] in edit.instruction
 
 
+def _fake_finished_run(folder, variant, accuracy, stage0_accuracy, motion, curve, baselines=False):
+    """A run folder with what `compare` reads: run.json, eval/metrics.json, curves, training losses."""
+    def summary(acc, motion_error):
+        block = {"edits": 10, "judged": 10, "accuracy": acc, "progress": acc - 0.1, "iou": None,
+                 "background_psnr": 30.0, "psnr": 25.0, "motion_error": motion_error, "motion_lost": 0.0,
+                 "temporal_ratio": 1.1, "temporal_gap": 3.0}
+        return {"all": block, "color": dict(block)}
+    summaries = {"SAMA-Shapes": summary(accuracy, motion), "stage 0 only (zero-shot)": summary(stage0_accuracy, 1.0),
+                 "copy (output = source)": summary(0.0, 0.3)}
+    if baselines:
+        summaries["ground truth"] = summary(1.0, 0.0)
+    (folder / "eval").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"budget": "full", "variant": variant}))
+    (folder / "eval" / "metrics.json").write_text(json.dumps({"summaries": summaries, "seconds": {}}))
+    (folder / "curves").mkdir()
+    (folder / "curves" / "curves.json").write_text(json.dumps({"points": [
+        {"stage": "stage1", "step": step, "accuracy": acc, "progress": acc} for step, acc in curve]}))
+    for stage in ("stage0", "stage1"):
+        (folder / stage / "logs").mkdir(parents=True)
+        (folder / stage / "logs" / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": k, "loss_video": 1.0 / k}) + "\n" for k in range(1, 6)))
+
+
+def test_compare_puts_the_arms_in_one_table_with_the_claims(tmp_path, capsys):
+    _fake_finished_run(tmp_path / "a", "full", 0.8, 0.3, motion=0.5, curve=[(500, 0.2), (1000, 0.6), (1500, 0.8)],
+                       baselines=True)
+    _fake_finished_run(tmp_path / "b", "no_sa", 0.6, 0.2, motion=0.6, curve=[(500, 0.1), (1000, 0.5), (1500, 0.6)])
+    _fake_finished_run(tmp_path / "c", "no_ma", 0.7, 0.25, motion=0.9, curve=[(500, 0.3)])
+    out = tmp_path / "report"
+    # given out of order: the table is (a), (b), (c), (d) and the stage-0 rows, then the baselines
+    assert shapes.main(["compare", "--runs", str(tmp_path / "c"), str(tmp_path / "a"), str(tmp_path / "b"),
+                        "--out", str(out)]) == 0
+    table = (out / "results.md").read_text()
+    names = [line.split(" | ")[0][2:] for line in table.splitlines() if line.startswith("| (") or
+             line.startswith("| copy") or line.startswith("| ground")]
+    assert names == ["(a) full SAMA", "(b) without semantic anchoring", "(c) without motion alignment",
+                     "(d) stage 0 only (zero-shot)", "(b) stage 0 only", "(c) stage 0 only",
+                     "copy (output = source)", "ground truth"]
+    assert "| (a) full SAMA | 80.0% |" in table and "| (d) stage 0 only (zero-shot) | 30.0% |" in table
+    # (b)'s best stage-1 accuracy is 60%: 90% of it (54%) is first reached at step 1000 by (a), 1500 by (b)
+    assert "steps to reach 54% (90% of (b)'s best): (a) 1000, (b) 1500" in table
+    assert "motion error (a) 0.50 px vs (c) 0.90 px" in table
+    assert "(d) edit accuracy 30.0%, edit progress 0.20 (copy: 0.0%, -0.10)" in table
+    assert (out / "convergence.png").stat().st_size > 0
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert rows["(c) without motion alignment"]["all"]["motion_error"] == 0.9
+
+    assert shapes.main(["compare", "--runs", str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(out)]) == 2
+    assert "each variant once" in capsys.readouterr().err
+    (tmp_path / "b" / "eval" / "metrics.json").unlink()
+    assert shapes.main(["compare", "--runs", str(tmp_path / "b"), "--out", str(out)]) == 2
+    assert "has no evaluation yet" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
@@ -407,6 +461,29 @@ def test_rerun_after_losing_stage1_redoes_only_what_depends_on_it(tiny_run):
     assert any("resumed from" in line for line in lines)  # stage 1 continued from its last checkpoint
     assert {p: (out / p).stat().st_mtime_ns for p in before} == before
     assert (out / "bundle" / "README.md").exists()
+
+
+@pytest.mark.slow
+def test_ablations_share_the_feature_caches_their_switch_does_not_change(tiny_run, tmp_path):
+    """no_sa trains from the full run's two caches (their anchor tokens dropped), no_ma from its stage-1
+    cache, while it builds its own stage-0 cache (other pretexts)."""
+    out = tiny_run["out"]
+    for variant, shared in (("no_sa", {"stage0", "stage1"}), ("no_ma", {"stage1"})):
+        lines = []
+        run = shapes.start_run(tmp_path / variant, "tiny", variant, reuse=out, echo=lines.append)
+        assert shapes.run_pipeline(run, until="stage1") == ["cache0", "stage0", "cache1", "stage1"]
+        for stage in ("stage0", "stage1"):
+            cache = tmp_path / variant / "cache" / stage
+            assert cache.is_symlink() == (stage in shared), (variant, stage)
+            assert (cache.resolve() == (out / "cache" / stage).resolve()) == (stage in shared)
+            assert (cache / "cache_index.json").exists()
+        assert sum("shared (symlink)" in line for line in lines) == len(shared)
+        assert (tmp_path / variant / "stage1" / "final" / "sama_dit.safetensors").exists()
+        if variant == "no_sa":
+            for stage in ("stage0", "stage1"):
+                rows = (tmp_path / variant / stage / "logs" / "metrics.jsonl").read_text().splitlines()
+                assert rows and all(json.loads(r)["loss_semantic"] == 0 for r in rows)
+    assert not (out / "cache" / "stage0" / "cache_index.json").is_symlink()  # the reused run is untouched
 
 
 def test_kaiming_zero_init_starts_every_residual_branch_at_zero_and_reads_the_input():

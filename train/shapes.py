@@ -410,8 +410,35 @@ def stage_encoders(run: Run) -> None:
 
 def stage_cache(run: Run, stage: str) -> None:
     write_subset_manifests(run)
-    config = str(run.path(f"shapes_{stage}.yaml"))
-    python_command(run, ["-m", "train", "cache", "--config", config], f"cache_{stage}")
+    config = run.path(f"shapes_{stage}.yaml")
+    if run.reuse is not None and link_reused_cache(run, stage, config):
+        return
+    python_command(run, ["-m", "train", "cache", "--config", str(config)], f"cache_{stage}")
+
+
+def link_reused_cache(run: Run, stage: str, config: Path) -> bool:
+    """Share the reused run's feature cache when this run's config would build the same one (same
+    fingerprint; a cache with anchor tokens also serves a run without them): an ablation then skips the
+    encoding (no_ma shares stage 1's cache, no_sa both). False: build our own."""
+    from .cache import CACHE_INDEX, CachedFeatureDataset, cache_fingerprint
+    from .config import load_config
+    other = run.reuse / "cache" / stage
+    if not (other / CACHE_INDEX).exists() or not (run.reuse / STAMPS / f"cache{stage[-1]}.done").exists():
+        return False
+    cfg = load_config(config, [])
+    try:
+        CachedFeatureDataset(other, cache_fingerprint(cfg), cfg.data.semantic_anchoring)
+    except SamaInputError:
+        return False  # other settings (e.g. no_ma's stage-0 pretexts): not the same features
+    link = run.path("cache", stage)
+    if link.is_symlink():
+        link.unlink()
+    elif link.exists():
+        shutil.rmtree(link)  # a partial cache of our own, from before the reused one was complete
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(other.resolve(), target_is_directory=True)
+    run.echo(f"[cache{stage[-1]}] the same features as {other}: shared (symlink)")
+    return True
 
 
 def stage_train(run: Run, stage: str) -> None:
@@ -424,8 +451,10 @@ def stage_export(run: Run) -> None:
 
 
 def stage_eval(run: Run) -> None:
+    # The baselines depend only on the data and the VAE: an ablation that reuses them leaves them to that run.
+    baselines = "copy,ground_truth,vae" if run.reuse is None else "copy"
     args = ["-m", "train.eval", "--bundle", str(run.path("bundle")), "--data", str(run.path("data", "heldout")),
-            "--out", str(run.path("eval")), "--baselines", "copy,ground_truth,vae",
+            "--out", str(run.path("eval")), "--baselines", baselines,
             "--extra-dit", f"{STAGE0_ROW}={run.path('stage0', 'final', 'sama_dit.safetensors')}",
             "--train-data", str(run.path("data", "train"))]
     if run.budget.eval_clips is not None:
@@ -775,6 +804,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("curve", help="edit accuracy of the kept checkpoints + loss curves (RUN/curves/)")
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int, default=20, help="held-out clips per checkpoint (default 20)")
+    p = sub.add_parser("compare", help="the toy reproduction: several finished runs in one table + plot")
+    p.add_argument("--runs", nargs="+", required=True, help="run folders, e.g. runs/shapes runs/shapes_no_sa")
+    p.add_argument("--out", required=True, help="folder for results.md, compare.json, convergence.png")
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
@@ -787,6 +819,10 @@ def main(argv=None) -> int:
             ran = run_pipeline(run, args.until, args.install)
             print(f"ran {', '.join(ran) or 'nothing (all done)'} in {time.perf_counter() - t0:.1f} s; "
                   f"bundle: {run.path('bundle')}, evaluation: {run.path('eval', 'results.md')}")
+            return 0
+        if args.command == "compare":
+            from .shapes_compare import compare
+            print(f"toy reproduction: {compare(args.runs, Path(args.out))}")
             return 0
         if not (Path(args.out) / RUN_FILE).exists():
             raise SamaFileNotFoundError(f"{args.out} is not a SAMA-Shapes run (no {RUN_FILE})")
