@@ -6,13 +6,17 @@ the reason) only in a checkout without it. The ComfyUI workflow on the same bund
 tests/test_comfy_sama_nodes.py."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 
 from sama_core.__main__ import main as cli
 from sama_core.commands.demo import TRAINED_BUNDLE
 from sama_core.video import read_video
+
+sys.path.insert(0, str(Path(__file__).parent))
+from edit_judge import edit_region, judge
 
 pytestmark = pytest.mark.skipif(not (TRAINED_BUNDLE / "bundle.json").is_file(),
                                 reason=f"no trained bundle at {TRAINED_BUNDLE} (python -m train.shapes run --install)")
@@ -22,22 +26,6 @@ MAX_BUNDLE_BYTES = 20 * 1024 * 1024
 
 def card():
     return json.loads((TRAINED_BUNDLE / "bundle.json").read_text())["card"]
-
-
-def edit_region(source: torch.Tensor, target: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
-    """(F, H, W) True where the ground-truth edit changes a pixel by more than `threshold` in some channel."""
-    return (target - source).abs().amax(dim=-1) > threshold
-
-
-def judge(output: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> dict:
-    """How far the output went from the source towards the target inside the edit region (0 = copy,
-    1 = the target), and its mean absolute error against the source outside it."""
-    region = edit_region(source, target)
-    assert region.float().mean() > 0.005, "the demo edit changes almost nothing: not a useful demo clip"
-    inside_source = (source - target).abs()[region].mean()
-    inside_output = (output - target).abs()[region].mean()
-    outside = (output - source).abs()[~region].mean()
-    return {"progress": float(1 - inside_output / inside_source), "outside_error": float(outside)}
 
 
 def read_demo_clips():
