@@ -103,7 +103,10 @@ def plot_convergence(runs: list[dict], path: Path) -> Path:
     axes[2].set_title("held-out edit accuracy of the kept checkpoints")
     axes[2].set_xlabel("step of the stage")
     axes[2].set_ylim(0, 1)
-    axes[2].legend(fontsize=7)
+    if any(run["curve"] for run in runs):
+        axes[2].legend(fontsize=7)
+    else:
+        axes[2].text(0.5, 0.5, "no curves yet:\npython -m train.shapes curve --out RUN", ha="center", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
