@@ -143,8 +143,7 @@ def test_edit_command_under_torchrun_equals_one_process(bundle_and_clip, tmp_pat
     # The same frames up to the lossy H.264 encode: fp32 differences of ~1e-6 between the split and the whole
     # computation can flip an 8-bit level before encoding, which x264 may turn into a few levels in a block
     # (seen: 4-5/255 in one run of three, mean 0.13/255). The model-level equality is checked to 1e-5 above;
-    # here: close everywhere, equal
-    # on average.
+    # here: close everywhere, equal on average.
     diff = (one - two).abs()
     assert diff.max() <= 16 / 255 and diff.mean() <= 0.5 / 255, (float(diff.max()), float(diff.mean()))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mp4", "two.mp4"]  # rank 1 wrote nothing here
