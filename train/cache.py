@@ -62,7 +62,8 @@ def cache_fingerprint(cfg) -> str:
     Not data.semantic_anchoring: it adds the anchor tokens and changes nothing else, so a cache built with
     anchors also serves a run without them (the index says whether it has them; `CachedFeatureDataset`)."""
     settings = cfg.fingerprint("data.bucket_area", "data.bucket_multiple", "data.buckets", "data.frame_buckets",
-                           "data.frame_stride", "data.clip_start", "data.resize_mode", "data.num_anchors", "data.pretext_mix", "data.edit_prefix", "data.cache_dtype",
+                           "data.frame_stride", "data.clip_start", "data.resize_mode", "data.num_anchors",
+                           "data.pretext_mix", "data.edit_prefix", "data.cache_dtype",
                            "data.manifests", "encoders", "seed")
     return hashlib.sha256((settings + index_key(cfg)).encode()).hexdigest()[:16]
 

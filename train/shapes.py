@@ -420,16 +420,16 @@ def link_reused_cache(run: Run, stage: str, config: Path) -> bool:
     """Share the reused run's feature cache when this run's config would build the same one (same
     fingerprint; a cache with anchor tokens also serves a run without them): an ablation then skips the
     encoding (no_ma shares stage 1's cache, no_sa both). False: build our own."""
-    from .cache import CACHE_INDEX, CachedFeatureDataset, cache_fingerprint
+    from .cache import CachedFeatureDataset, cache_fingerprint
     from .config import load_config
     other = run.reuse / "cache" / stage
-    if not (other / CACHE_INDEX).exists() or not (run.reuse / STAMPS / f"cache{stage[-1]}.done").exists():
+    if not (run.reuse / STAMPS / f"cache{stage[-1]}.done").exists():
         return False
     cfg = load_config(config, [])
-    try:
+    try:  # what the trainer itself will accept from that cache
         CachedFeatureDataset(other, cache_fingerprint(cfg), cfg.data.semantic_anchoring)
     except SamaInputError:
-        return False  # other settings (e.g. no_ma's stage-0 pretexts): not the same features
+        return False  # incomplete, or other settings (e.g. no_ma's stage-0 pretexts): not the same features
     link = run.path("cache", stage)
     if link.is_symlink():
         link.unlink()

@@ -58,7 +58,7 @@ def arm_rows(runs: list[dict]) -> dict[str, dict]:
         rows[ARMS[run["variant"]]] = run["summaries"][MODEL_ROW]
         if STAGE0_ROW in run["summaries"]:
             stage0_rows[STAGE0_ARMS[run["variant"]]] = run["summaries"][STAGE0_ROW]
-    rows.update(sorted(stage0_rows.items(), key=lambda kv: not kv[0].startswith("(d)")))
+    rows.update(stage0_rows)  # in the arms' order, so (d), the full run's, comes first
     for name in BASELINE_ROWS:
         for run in runs:
             if name in run["summaries"]:
