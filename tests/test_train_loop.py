@@ -153,6 +153,31 @@ def test_a_few_steps_overfit_a_fixed_batch(tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_optimizer_step_optimises_the_edit_weighted_loss_from_the_config(tmp_path):
+    """train.edit_region_weight reaches the trainer: the loss of a step is the edit-weighted loss of the
+    model before it (an independent call of train.losses), not the plain one."""
+    from accelerate import Accelerator
+    from train.losses import training_loss
+    batch = cached_batch(tmp_path, [0, 1])
+    batch["source"] = batch["target"].clone()
+    batch["source"][:, :, 0, 1, 2] += 2.0                # one edited latent position per sample
+    reported = {}
+    for weight in (0.0, 20.0):
+        reset_accelerate()
+        cfg = loop_config(tmp_path, train={"edit_region_weight": weight})
+        accelerator = Accelerator(cpu=True)
+        model = small_dit().train()
+        with torch.no_grad():
+            expected, _ = training_loss(model, batch, cfg.sigma, cfg.train.semantic_loss_weight,
+                                        edit_weight=weight, edit_threshold=cfg.train.edit_region_threshold)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        sums = optimizer_step(accelerator, model, optimizer, [batch], cfg, lambda b: b, list(model.parameters()))
+        reported[weight] = sums["loss_sums"][1].item()
+        assert reported[weight] == pytest.approx(expected.video.item(), rel=1e-5)
+    assert reported[20.0] != pytest.approx(reported[0.0], rel=1e-3)
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     from accelerate import Accelerator
     batch = cached_batch(tmp_path, [0, 1])

@@ -132,3 +132,55 @@ def test_gradient_flows_only_through_real_frames():
     flow_matching_loss(pred, None, batch, draw).loss.backward()
     assert pred.grad[0, :, 1:].abs().sum() == 0 and pred.grad[0, :, 0].abs().sum() > 0
     assert pred.grad[1].abs().min() >= 0 and pred.grad[1, :, 2].abs().sum() > 0
+
+
+def test_edit_region_weighting_equals_an_independent_weighted_mean():
+    """train.edit_region_weight: per latent position w = 1 + lambda * clamp(d / tau, 0, 1) with d the
+    channel-mean |target - source|; each sample's video loss is the w-weighted mean of its squared errors."""
+    batch = feature_batch(semantic=0)
+    target = batch["target"]
+    # sample 0: the source equals the target except in one latent position (an edited object) ...
+    source = target.clone()
+    source[0, :, 1, 2, 3] += 1.0
+    source[0, :, 2, 0, 0] += 0.1                     # ... and a faint change below the threshold
+    batch["source"] = source                         # sample 1: identical (nothing edited)
+    source[1] = target[1]
+    draw = fixed_draw(batch, [0.4, 0.7])
+    pred = torch.randn(target.shape, generator=torch.Generator().manual_seed(5))
+    lam, tau = 20.0, 0.25
+    parts = flow_matching_loss(pred, None, batch, draw, edit_weight=lam, edit_threshold=tau)
+
+    squared = (pred - (draw.noise - target)) ** 2    # (B, C, T, h, w)
+    expected = []
+    for i in range(2):
+        w = torch.ones(target.shape[2:])
+        if i == 0:
+            w[1, 2, 3] = 1 + lam                     # change 1.0 >= tau: the full extra weight
+            w[2, 0, 0] = 1 + lam * 0.1 / tau         # change 0.1: a share of it
+        expected.append((squared[i] * w).sum() / (w.sum() * target.shape[1]))
+    torch.testing.assert_close(parts.video, torch.stack(expected).mean(), rtol=1e-6, atol=1e-7)
+    # sample 1 has no change, so its loss is the plain mean; and lambda = 0 is the plain loss everywhere
+    plain = flow_matching_loss(pred, None, batch, draw)
+    torch.testing.assert_close(plain.video, squared.mean(dim=(1, 2, 3, 4)).mean(), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(parts.video, plain.video)
+
+
+def test_edit_region_weighting_skips_batches_without_a_matching_source():
+    batch = feature_batch(source=False, semantic=0)
+    draw = fixed_draw(batch, [0.4, 0.7])
+    pred = torch.randn(batch["target"].shape)
+    weighted = flow_matching_loss(pred, None, batch, draw, edit_weight=20.0)
+    torch.testing.assert_close(weighted.video, flow_matching_loss(pred, None, batch, draw).video)
+
+
+def test_bad_edit_region_settings_are_refused_with_the_key_name():
+    from sama_core.errors import SamaInputError
+    from train.config import TrainConfig, validate
+    cfg = TrainConfig(stage="stage1")
+    cfg.model.preset = "tiny"
+    cfg.train.edit_region_weight = -1.0
+    with pytest.raises(SamaInputError, match="train.edit_region_weight must be >= 0"):
+        validate(cfg)
+    cfg.train.edit_region_weight, cfg.train.edit_region_threshold = 5.0, 0.0
+    with pytest.raises(SamaInputError, match="train.edit_region_threshold must be positive"):
+        validate(cfg)

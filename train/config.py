@@ -97,6 +97,10 @@ class TrainingConfig:
     max_steps: int = 1000
     mixed_precision: str = "bf16"   # no | bf16 | fp16 (accelerate autocast; master weights stay fp32)
     semantic_loss_weight: float = 0.1
+    # Extra video-loss weight where the clean target and source latents differ (losses.py; 0 = the paper's
+    # plain loss). Threshold: the channel-mean |target - source| that gets the full extra weight.
+    edit_region_weight: float = 0.0
+    edit_region_threshold: float = 0.25
     max_grad_norm: Optional[float] = 1.0
 
 
@@ -365,6 +369,11 @@ def validate(cfg: TrainConfig) -> None:
         raise SamaInputError(f"sigma.shift must be positive, got {cfg.sigma.shift} (1.0 = no shift)")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise SamaInputError(f"ema.decay must be in [0, 1), got {cfg.ema.decay} (the paper uses 0.9998)")
+    if cfg.train.edit_region_weight < 0:
+        raise SamaInputError(f"train.edit_region_weight must be >= 0, got {cfg.train.edit_region_weight} "
+                             "(0 = the paper's plain loss)")
+    if cfg.train.edit_region_threshold <= 0:
+        raise SamaInputError(f"train.edit_region_threshold must be positive, got {cfg.train.edit_region_threshold}")
     frames = cfg.data.frame_buckets
     if not frames or any(not isinstance(f, int) or f < 1 or (f - 1) % 4 for f in frames):
         raise SamaInputError(f"data.frame_buckets must be frame counts of the form 4k+1 (e.g. [17, 33, 49, 81]), "
