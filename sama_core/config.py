@@ -34,6 +34,8 @@ class SamaConfig:
     siglip_hidden_dim: int = 1024
     num_segment_types: int = 3
     num_semantic_tokens: int = 65
+    # Text rows the prompt is padded to before text_embedding (Wan2.1/SAMA: 512, attended unmasked). A
+    # small model may use fewer: the padded rows take attention mass from the real tokens.
     text_len: int = 512
 
     def __post_init__(self):

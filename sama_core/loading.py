@@ -298,6 +298,13 @@ def resolve_config(weights: LoadedWeights, config=None) -> SamaConfig:
                   if k in given and given[k] != getattr(inferred, k)}
     if mismatched:
         raise SamaModelFileError(f"config does not match the weights' shapes (config, weights): {mismatched}")
+    # Not visible in any shape: the number of text rows the DiT pads the prompt to (512 in Wan2.1/SAMA;
+    # small models may be trained with fewer, see SamaConfig.text_len).
+    if "text_len" in given:
+        text_len = given["text_len"]
+        if not isinstance(text_len, int) or isinstance(text_len, bool) or text_len < 1:
+            raise SamaModelFileError(f"config text_len must be a positive integer, got {text_len!r}")
+        inferred = dataclasses.replace(inferred, text_len=text_len)
     return inferred
 
 

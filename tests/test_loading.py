@@ -303,3 +303,31 @@ def test_one_shard_stands_for_the_whole_set(tmp_path, model, reference_output):
     (tmp_path / names[2]).unlink()
     with pytest.raises(SamaFileNotFoundError, match="one of 3 shards"):
         load_dit(tmp_path / names[0])
+
+
+def test_text_len_of_a_small_model_round_trips_through_the_file(tmp_path, model, reference_output):
+    """SamaConfig.text_len (not visible in any shape) travels in the file's metadata: the loaded model pads
+    to it, which changes the output against Wan's 512 rows; longer prompts are cut at it."""
+    import dataclasses
+    short = dataclasses.replace(TINY, text_len=16)
+    save_dit(model, tmp_path / "short.safetensors", config=short)
+    loaded = load_dit(tmp_path / "short.safetensors")
+    assert loaded.config == short
+    out = run(loaded)
+    assert_same(out, run(tiny_dit(short, seed=3)))
+    assert (out.video - reference_output.video).abs().max() > 1e-4  # 16 rows are not 512 rows
+    inputs = tiny_inputs()
+    longer = dict(inputs, context=torch.cat([inputs["context"], torch.randn(1, 20, TINY.text_dim)], 1))
+    with torch.no_grad():
+        cut = loaded(**dict(longer, context=longer["context"][:, :16]))
+        full = loaded(**longer)
+    torch.testing.assert_close(full.video, cut.video)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_a_bad_text_len_in_the_metadata_is_named(tmp_path, model, bad):
+    from safetensors.torch import save_file
+    save_file(sd_of(model), str(tmp_path / "bad.safetensors"),
+              metadata={"format": "pt", "sama_config": json.dumps({**TINY.to_dict(), "text_len": bad})})
+    with pytest.raises(SamaModelFileError, match="text_len must be a positive integer"):
+        load_dit(tmp_path / "bad.safetensors")
