@@ -226,6 +226,29 @@ def test_training_run_logs_checkpoints_and_exports(tmp_path):
     assert not torch.equal(raw["head.head.weight"], ema["head.head.weight"])
 
 
+def test_prompt_dropout_one_trains_on_the_negative_prompt(tmp_path):
+    """train.prompt_dropout = 1 replaces every prompt by the cached negative prompt's rows: the losses equal a
+    run without dropout on a cache whose prompts all are those rows (an independent construction)."""
+    negative = torch.randn(3, TINY.text_dim, generator=torch.Generator().manual_seed(9))  # = write_cache's
+    dropped = loop_config(tmp_path, name="dropped", train={"prompt_dropout": 1.0})
+    write_cache(dropped)
+    rewritten = []
+    for sample in random_samples():
+        sample = dict(sample)
+        for key in [k for k in sample if k == "text" or k.startswith("text/")]:
+            sample[key] = negative.clone()
+        rewritten.append(sample)
+    plain = loop_config(tmp_path, name="plain", cache="cache_negative")
+    write_cache(plain, rewritten)
+    a = train(dropped).history
+    reset_accelerate()
+    b = train(plain).history
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
+    reset_accelerate()
+    with_prompts = train(loop_config(tmp_path, name="with_prompts")).history
+    assert [r["loss"] for r in a] != pytest.approx([r["loss"] for r in with_prompts], rel=1e-6)
+
+
 def test_bf16_mixed_precision_trains_and_exports_bf16(tmp_path):
     fp32 = loop_config(tmp_path, name="fp32", train={"max_steps": 2})
     write_cache(fp32)

@@ -173,7 +173,7 @@ def test_edit_region_weighting_skips_batches_without_a_matching_source():
     torch.testing.assert_close(weighted.video, flow_matching_loss(pred, None, batch, draw).video)
 
 
-def test_bad_edit_region_settings_are_refused_with_the_key_name():
+def test_bad_edit_region_and_dropout_settings_are_refused_with_the_key_name():
     from sama_core.errors import SamaInputError
     from train.config import TrainConfig, validate
     cfg = TrainConfig(stage="stage1")
@@ -184,3 +184,31 @@ def test_bad_edit_region_settings_are_refused_with_the_key_name():
     cfg.train.edit_region_weight, cfg.train.edit_region_threshold = 5.0, 0.0
     with pytest.raises(SamaInputError, match="train.edit_region_threshold must be positive"):
         validate(cfg)
+    cfg.train.edit_region_threshold, cfg.train.prompt_dropout = 0.25, 1.5
+    with pytest.raises(SamaInputError, match=r"train.prompt_dropout must be in \[0, 1\]"):
+        validate(cfg)
+
+
+def test_prompt_dropout_is_decided_by_each_samples_seed():
+    from train.features import drop_prompts, pad_rows
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(n, 8, generator=g) for n in (4, 6, 2)]
+    context = pad_rows(rows)
+    negative = torch.randn(5, 8, generator=g)
+    seeds = torch.tensor([11, 12, 13])
+    assert drop_prompts(context, seeds, negative, 0.0) is context
+    everything = drop_prompts(context, seeds, negative, 1.0)
+    assert everything.shape == (3, 5, 8)  # the longest remaining prompt: the negative one
+    for i in range(3):
+        assert torch.equal(everything[i, :5], negative) and not everything[i, 5:].any()
+    # the choice for a seed does not depend on the rest of the batch; about p of many seeds drop
+    many = torch.arange(2000)
+    single = torch.zeros(1, 1, 8) + 1.0
+    chosen = [bool(drop_prompts(single, many[i:i + 1], torch.zeros(1, 8), 0.3).abs().sum() == 0) for i in range(2000)]
+    batch = drop_prompts(torch.ones(2000, 1, 8), many, torch.zeros(1, 8), 0.3)
+    assert chosen == [bool(b.abs().sum() == 0) for b in batch]
+    assert abs(sum(chosen) / 2000 - 0.3) < 0.035  # 3.5 sigma of a binomial(2000, 0.3) share
+    mixed = drop_prompts(context, seeds, negative, 0.5)
+    for i in range(3):
+        kept = torch.equal(mixed[i, :rows[i].shape[0]], rows[i])
+        assert kept or torch.equal(mixed[i, :5], negative)

@@ -101,6 +101,9 @@ class TrainingConfig:
     # plain loss). Threshold: the channel-mean |target - source| that gets the full extra weight.
     edit_region_weight: float = 0.0
     edit_region_threshold: float = 0.25
+    # Probability that a sample's prompt is replaced by the negative prompt ("[Video edit]"), so that the
+    # model also learns the unconditional prediction classifier-free guidance needs (0 = off).
+    prompt_dropout: float = 0.0
     max_grad_norm: Optional[float] = 1.0
 
 
@@ -372,6 +375,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.train.edit_region_weight < 0:
         raise SamaInputError(f"train.edit_region_weight must be >= 0, got {cfg.train.edit_region_weight} "
                              "(0 = the paper's plain loss)")
+    if not 0.0 <= cfg.train.prompt_dropout <= 1.0:
+        raise SamaInputError(f"train.prompt_dropout must be in [0, 1], got {cfg.train.prompt_dropout} "
+                             "(~0.1 is usual; 0 = off)")
     if cfg.train.edit_region_threshold <= 0:
         raise SamaInputError(f"train.edit_region_threshold must be positive, got {cfg.train.edit_region_threshold}")
     frames = cfg.data.frame_buckets

@@ -21,6 +21,8 @@ import torch
 from sama_core.errors import SamaInputError
 from sama_core.prompts import clean_prompt
 
+from .data import derive_seed
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,6 +46,22 @@ def pad_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     for i, r in enumerate(rows):
         out[i, : r.shape[0]] = r
     return out
+
+
+def drop_prompts(context: torch.Tensor, seeds: torch.Tensor, negative: torch.Tensor,
+                 probability: float) -> torch.Tensor:
+    """Prompt dropout for classifier-free guidance: each sample's prompt rows (B, L, D) are replaced by the
+    negative prompt's rows (N, D) with `probability`, decided by the sample's seed alone (the same choice
+    on any device and for any number of processes). Zero rows past a prompt are the DiT's own padding, so
+    the batch comes back padded to its longest remaining prompt."""
+    if probability <= 0:
+        return context
+    drop = [torch.rand((), generator=torch.Generator().manual_seed(derive_seed(s, "prompt_dropout"))).item() < probability
+            for s in seeds.tolist()]
+    if not any(drop):
+        return context
+    negative = negative.to(context)
+    return pad_rows([negative if d else row for d, row in zip(drop, context)])
 
 
 class FeatureEncoders:

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from sama_core.errors import SamaInputError
+from sama_core.prompts import negative_prompt
 
 from . import checkpoint as ckpt
 from .cache import CachedFeatureDataset, cache_fingerprint, collate_features
@@ -29,7 +30,7 @@ from .config import TrainConfig, save_config
 from .data import (RAW_VIDEO, VIDEO_EDIT, IMAGE_EDIT, BucketBatchPlan, ProcessBatchSampler, RawMediaDataset,
                    collate_raw, load_or_build_index, pretext_names_in)
 from .ema import EMA
-from .features import DTYPES, FeatureEncoders, batch_to
+from .features import DTYPES, FeatureEncoders, batch_to, drop_prompts
 from .losses import training_loss
 from .modeling import build_dit
 
@@ -122,6 +123,13 @@ def build_training_data(cfg: TrainConfig, accelerator) -> TrainingData:
     plan = BucketBatchPlan(index.buckets(), parts, cfg.seed, cfg.data.pretext_mix)
     encoders = FeatureEncoders.from_config(cfg, device=accelerator.device)
     return TrainingData(dataset, collate_raw, plan, encoders, len(index.skipped))
+
+
+def negative_rows(cfg: TrainConfig, data: TrainingData) -> torch.Tensor:
+    """(N, text_dim) rows of the negative prompt, the unconditional input of classifier-free guidance."""
+    if data.cached is not None:
+        return data.cached.negative_rows()
+    return data.encoders.text_rows([negative_prompt(None, cfg.data.edit_prefix)])[0]
 
 
 def make_loader(cfg: TrainConfig, data: TrainingData, accelerator, start_batch: int):
@@ -337,8 +345,13 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, on_step: Optional[Call
         val_vae = FeatureEncoders.from_config(cfg, accelerator.device, need_text=False, need_anchors=False).vae
     val_samples = prepare_validation(cfg, data.dataset, data.encoders, data.cached)
 
+    negative = negative_rows(cfg, data) if cfg.train.prompt_dropout > 0 else None
+
     def to_features(raw: dict) -> dict:
         features = data.encoders.encode_batch(raw) if data.encoders is not None else raw
+        if negative is not None:
+            features = dict(features, context=drop_prompts(features["context"], features["seeds"], negative,
+                                                           cfg.train.prompt_dropout))
         return batch_to(features, accelerator.device)
 
     metrics_path = out_dir / "logs" / "metrics.jsonl"
