@@ -84,7 +84,7 @@ _TINY_LOOP = ("train.batch_size=2", "checkpoint.every=2", "checkpoint.keep=2", "
               "log.every=1", "optim.warmup_steps=1", "data.cache_shard_size=32", "data.frame_buckets=[9]")
 
 BUDGETS = {
-    # The real recipe: ~3.5 h on 2 CPU cores (docs/sama_shapes.md has the measured breakdown).
+    # The real recipe: ~4 h on 2 CPU cores (docs/sama_shapes.md has the measured breakdown).
     "full": Budget("full", train_clips=1000, heldout_clips=100, eval_clips=40, dit_clips=400),
     # Checks the machinery in about a minute (the test): every stage, tiny sizes, a few steps.
     "tiny": Budget("tiny", train_clips=4, heldout_clips=1, frames=9, data_workers=1, text_dim=16, siglip_width=16,
