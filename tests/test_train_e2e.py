@@ -198,6 +198,25 @@ def test_raw_and_cached_training_agree_and_validation_writes_videos(ws, tmp_path
     assert [v.name for v in videos] == ["sample-0.mp4"] and videos[0].stat().st_size > 0
 
 
+def test_prompt_dropout_drops_the_same_prompts_from_raw_data_and_from_the_cache(ws, tmp_path):
+    """train.prompt_dropout: the negative prompt's rows come from the encoders (raw data) or the cache's
+    extras; both paths give the same losses, which differ from training without dropout."""
+    common = ["train.max_steps=2", "checkpoint.every=2", "model.init_from=null", "model.preset=tiny",
+              "model.config={text_dim: 24, siglip_dim: 48, siglip_hidden_dim: 40, dim: 64, ffn_dim: 96, "
+              "num_heads: 2, freq_dim: 32}", subset(ws, tmp_path, edits=[0, 1, 2, 3])]
+    cache = tmp_path / "c"
+    cached = config(ws, "config_stage1", f"output_dir={tmp_path / 'cached'}", f"data.cache_dir={cache}",
+                    "train.prompt_dropout=0.5", *common)
+    build_cache(cached)
+    raw = config(ws, "config_stage1", f"output_dir={tmp_path / 'raw'}", "train.prompt_dropout=0.5", *common)
+    plain = config(ws, "config_stage1", f"output_dir={tmp_path / 'plain'}", f"data.cache_dir={cache}", *common)
+    raw_run, cached_run, plain_run = train(raw), train(cached), train(plain)
+    for a, b in zip(raw_run.history, cached_run.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert [r["loss"] for r in cached_run.history] != pytest.approx([r["loss"] for r in plain_run.history],
+                                                                    rel=1e-6)
+
+
 def test_a_cache_with_anchor_tokens_serves_a_run_without_them(ws, tmp_path):
     """The no-semantic-anchoring ablation trains from the full run's cache: the anchor tokens are dropped,
     nothing is re-encoded, and the losses equal training without anchors from raw data."""
