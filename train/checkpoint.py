@@ -66,6 +66,26 @@ def _ema_file(ema, rank: int) -> str:
     return f"ema-rank{rank}.safetensors" if getattr(ema, "sharded", False) else "ema.safetensors"
 
 
+def load_dit_with_ema(dit_file, checkpoint):
+    """The DiT of `dit_file` (its config; fp32) with the EMA weights of a checkpoint-<step> folder: how the
+    convergence curves and `train.probe` look at a checkpoint without exporting it."""
+    import torch
+
+    from sama_core.loading import load_dit
+    ema_file = Path(checkpoint) / _ema_file(None, 0)
+    if not ema_file.is_file():
+        raise SamaInputError(f"{checkpoint} has no {ema_file.name}: give a {PREFIX}<step> folder written by "
+                             "`python -m train` (with EMA on, one process)")
+    model = load_dit(dit_file, dtype=torch.float32)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in load_file(str(ema_file)).items():
+            if name not in params:
+                raise SamaInputError(f"{checkpoint} does not belong to the DiT {dit_file}: it has '{name}'")
+            params[name].copy_(tensor)
+    return model
+
+
 class CheckpointWriteError(SamaError, OSError):
     """A checkpoint could not be written (disk full, permissions); the previous ones are intact."""
 

@@ -375,11 +375,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.train.edit_region_weight < 0:
         raise SamaInputError(f"train.edit_region_weight must be >= 0, got {cfg.train.edit_region_weight} "
                              "(0 = the paper's plain loss)")
+    if cfg.train.edit_region_threshold <= 0:
+        raise SamaInputError(f"train.edit_region_threshold must be positive, got {cfg.train.edit_region_threshold}")
     if not 0.0 <= cfg.train.prompt_dropout <= 1.0:
         raise SamaInputError(f"train.prompt_dropout must be in [0, 1], got {cfg.train.prompt_dropout} "
                              "(~0.1 is usual; 0 = off)")
-    if cfg.train.edit_region_threshold <= 0:
-        raise SamaInputError(f"train.edit_region_threshold must be positive, got {cfg.train.edit_region_threshold}")
     frames = cfg.data.frame_buckets
     if not frames or any(not isinstance(f, int) or f < 1 or (f - 1) % 4 for f in frames):
         raise SamaInputError(f"data.frame_buckets must be frame counts of the form 4k+1 (e.g. [17, 33, 49, 81]), "

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from sama_core.errors import SamaInputError
-from sama_core.prompts import clean_prompt
+from sama_core.prompts import clean_prompt, negative_prompt
 
 from .data import derive_seed
 
@@ -56,12 +56,20 @@ def drop_prompts(context: torch.Tensor, seeds: torch.Tensor, negative: torch.Ten
     the batch comes back padded to its longest remaining prompt."""
     if probability <= 0:
         return context
-    drop = [torch.rand((), generator=torch.Generator().manual_seed(derive_seed(s, "prompt_dropout"))).item() < probability
-            for s in seeds.tolist()]
+    drop = [torch.rand((), generator=torch.Generator().manual_seed(derive_seed(s, "prompt_dropout"))).item()
+            < probability for s in seeds.tolist()]
     if not any(drop):
         return context
     negative = negative.to(context)
     return pad_rows([negative if d else row for d, row in zip(drop, context)])
+
+
+def negative_rows(cfg, encoders=None, cached=None) -> torch.Tensor:
+    """(N, text_dim) rows of the negative prompt, the unconditional input of classifier-free guidance:
+    from a feature cache's extras, else encoded now."""
+    if cached is not None:
+        return cached.negative_rows()
+    return encoders.text_rows([negative_prompt(None, cfg.data.edit_prefix)])[0]
 
 
 class FeatureEncoders:

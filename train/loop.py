@@ -22,7 +22,6 @@ from typing import Callable, Optional
 import torch
 
 from sama_core.errors import SamaInputError
-from sama_core.prompts import negative_prompt
 
 from . import checkpoint as ckpt
 from .cache import CachedFeatureDataset, cache_fingerprint, collate_features
@@ -30,7 +29,7 @@ from .config import TrainConfig, save_config
 from .data import (RAW_VIDEO, VIDEO_EDIT, IMAGE_EDIT, BucketBatchPlan, ProcessBatchSampler, RawMediaDataset,
                    collate_raw, load_or_build_index, pretext_names_in)
 from .ema import EMA
-from .features import DTYPES, FeatureEncoders, batch_to, drop_prompts
+from .features import DTYPES, FeatureEncoders, batch_to, drop_prompts, negative_rows
 from .losses import training_loss
 from .modeling import build_dit
 
@@ -123,13 +122,6 @@ def build_training_data(cfg: TrainConfig, accelerator) -> TrainingData:
     plan = BucketBatchPlan(index.buckets(), parts, cfg.seed, cfg.data.pretext_mix)
     encoders = FeatureEncoders.from_config(cfg, device=accelerator.device)
     return TrainingData(dataset, collate_raw, plan, encoders, len(index.skipped))
-
-
-def negative_rows(cfg: TrainConfig, data: TrainingData) -> torch.Tensor:
-    """(N, text_dim) rows of the negative prompt, the unconditional input of classifier-free guidance."""
-    if data.cached is not None:
-        return data.cached.negative_rows()
-    return data.encoders.text_rows([negative_prompt(None, cfg.data.edit_prefix)])[0]
 
 
 def make_loader(cfg: TrainConfig, data: TrainingData, accelerator, start_batch: int):
@@ -345,7 +337,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, on_step: Optional[Call
         val_vae = FeatureEncoders.from_config(cfg, accelerator.device, need_text=False, need_anchors=False).vae
     val_samples = prepare_validation(cfg, data.dataset, data.encoders, data.cached)
 
-    negative = negative_rows(cfg, data) if cfg.train.prompt_dropout > 0 else None
+    negative = negative_rows(cfg, data.encoders, data.cached) if cfg.train.prompt_dropout > 0 else None
 
     def to_features(raw: dict) -> dict:
         features = data.encoders.encode_batch(raw) if data.encoders is not None else raw

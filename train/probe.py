@@ -29,6 +29,7 @@ from sama_core.errors import SamaError, SamaInputError
 from sama_core.scheduler import add_noise, timesteps_of
 
 from .cache import CachedFeatureDataset
+from .checkpoint import load_dit_with_ema
 from .data import RAW_VIDEO, BatchItem
 from .features import pad_rows
 
@@ -117,21 +118,10 @@ def probe(model, samples: ProbeSamples, sigmas=(0.9, 0.5), seed: int = 0) -> lis
 
 def load_probe_model(dit, checkpoint=None):
     """The DiT of `dit`, with the EMA weights of a train/ checkpoint folder when given."""
-    from safetensors.torch import load_file
-
-    from sama_core.loading import load_dit
-    model = load_dit(dit, dtype=torch.float32)
     if checkpoint is not None:
-        ema_file = Path(checkpoint) / "ema.safetensors"
-        if not ema_file.is_file():
-            raise SamaInputError(f"--checkpoint {checkpoint} has no ema.safetensors: give a checkpoint-<step> "
-                                 "folder written by `python -m train`")
-        params = dict(model.named_parameters())
-        for name, tensor in load_file(str(ema_file)).items():
-            if name not in params:
-                raise SamaInputError(f"--checkpoint {checkpoint} does not belong to --dit {dit}: it has '{name}'")
-            params[name].data.copy_(tensor)
-    return model
+        return load_dit_with_ema(dit, checkpoint)
+    from sama_core.loading import load_dit
+    return load_dit(dit, dtype=torch.float32)
 
 
 def format_table(rows: list[dict]) -> str:

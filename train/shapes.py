@@ -715,16 +715,10 @@ def install_bundle(source: Path, target: Path) -> Path:
 
 def checkpoint_dit(checkpoint: Path, final_dit: Path, out_file: Path) -> Path:
     """A DiT file with a checkpoint's EMA weights (the config and any frozen weights from the stage's export)."""
-    import torch
-    from safetensors.torch import load_file
+    from sama_core.loading import save_dit
 
-    from sama_core.loading import load_dit, save_dit
-    model = load_dit(final_dit, dtype=torch.float32)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in load_file(str(checkpoint / "ema.safetensors")).items():
-            params[name].copy_(tensor)
-    save_dit(model, out_file)
+    from .checkpoint import load_dit_with_ema
+    save_dit(load_dit_with_ema(final_dit, checkpoint), out_file)
     return out_file
 
 

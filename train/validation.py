@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from sama_core import video as vio
-from sama_core.prompts import negative_prompt
 from sama_core.sampler import SamplerOptions, sample
 
 from .data import RAW_VIDEO, RawMediaDataset, build_index, derive_seed
+from .features import negative_rows
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def prepare_validation(cfg, train_dataset, encoders, cached_dataset=None) -> lis
     else:
         dataset = train_dataset
     out = []
-    negative = encoders.text_rows([negative_prompt(None, cfg.data.edit_prefix)])[0]
+    negative = negative_rows(cfg, encoders)
     for i in range(min(vc.num_samples, len(dataset.index.samples))):
         kind = dataset.index.samples[i].row.kind
         loaded = dataset.load(i, VALIDATION_PRETEXT if kind == RAW_VIDEO else "-", derive_seed(vc.seed, "val", i))
@@ -58,7 +58,7 @@ def prepare_validation(cfg, train_dataset, encoders, cached_dataset=None) -> lis
 def _from_cache(cfg, dataset) -> list[dict]:
     from .data import BatchItem
     out = []
-    negative = dataset.negative_rows()
+    negative = negative_rows(cfg, cached=dataset)
     for i in range(min(cfg.validation.num_samples, len(dataset))):
         meta = dataset.samples[i]
         pretext = "-"
