@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sama_core.errors import SamaInputError
 from sama_core.loading import load_dit, save_dit
 from sama_core.model import SamaDiT
 from tiny_models import TINY, TINY_WAN, randomize, tiny_dit
@@ -289,6 +290,37 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path):
     straight_log = [json.loads(x) for x in (cfg.output_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     resumed_log = [json.loads(x) for x in (crashed.output_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in resumed_log if r["step"] >= 3][-2:] == [r["loss"] for r in straight_log[2:]]
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_an_export_and_resume_finishes_like_a_straight_run(
+        tmp_path, monkeypatch):
+    import train.loop as loop
+    straight = loop_config(tmp_path, name="straight", train={"max_steps": 6}, checkpoint={"every": 100})
+    write_cache(straight)
+    train(straight)
+
+    minutes = iter(range(0, 100_000, 60))  # each look at the clock: one more minute
+    monkeypatch.setattr(loop, "clock", lambda: float(next(minutes)))
+    timed = loop_config(tmp_path, name="timed", train={"max_steps": 6, "max_minutes": 2.5},
+                        checkpoint={"every": 100})
+    result = train(timed)
+    # start at 0 (deadline 150 s); after steps 1, 2, 3 the clock reads 60, 120, 180 -> stop after step 3
+    assert result.step == 3 and result.history[-1]["step"] == 3
+    assert [s for s, _ in ckpt.list_checkpoints(timed.output_path)] == [3]  # saved although every=100
+    assert load_dit(timed.output_path / FINAL_DIR / DIT_FILE) is not None
+
+    monkeypatch.setattr(loop, "clock", lambda: 0.0)  # a new session with time to spare
+    resumed = train(timed, resume="latest")
+    assert resumed.step == 6
+    a = load_file(str(straight.output_path / "checkpoint-6" / "model.safetensors"))
+    b = load_file(str(timed.output_path / "checkpoint-6" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("value", [0, -1.0])
+def test_max_minutes_must_be_positive(tmp_path, value):
+    with pytest.raises(SamaInputError, match="train.max_minutes must be > 0"):
+        loop_config(tmp_path, train={"max_minutes": value})
 
 
 def test_keep_last_checkpoints_and_ignore_partial_ones(tmp_path):

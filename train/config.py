@@ -104,6 +104,10 @@ class TrainingConfig:
     # Probability that a sample's prompt is replaced by the negative prompt ("[Video edit]"), so that the
     # model also learns the unconditional prediction classifier-free guidance needs (0 = off).
     prompt_dropout: float = 0.0
+    # Wall-clock budget of this invocation in minutes (None = none): when it is spent, the run saves a
+    # checkpoint and exports as if max_steps were reached; `--resume latest` continues it later. For rented
+    # or shared GPUs whose time is fixed in advance.
+    max_minutes: Optional[float] = None
     max_grad_norm: Optional[float] = 1.0
 
 
@@ -377,6 +381,9 @@ def validate(cfg: TrainConfig) -> None:
                              "(0 = the paper's plain loss)")
     if cfg.train.edit_region_threshold <= 0:
         raise SamaInputError(f"train.edit_region_threshold must be positive, got {cfg.train.edit_region_threshold}")
+    if cfg.train.max_minutes is not None and not cfg.train.max_minutes > 0:
+        raise SamaInputError(f"train.max_minutes must be > 0 (or null for no time limit), got "
+                             f"{cfg.train.max_minutes}")
     if not 0.0 <= cfg.train.prompt_dropout <= 1.0:
         raise SamaInputError(f"train.prompt_dropout must be in [0, 1], got {cfg.train.prompt_dropout} "
                              "(~0.1 is usual; 0 = off)")

@@ -358,6 +358,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, on_step: Optional[Call
     skipped_total = skipped_before
     model.train()
 
+    deadline = clock() + 60.0 * cfg.train.max_minutes if cfg.train.max_minutes else None
     while step < cfg.train.max_steps:
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
@@ -371,7 +372,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, on_step: Optional[Call
         meter.add(metrics)
         if bar is not None:
             bar.update(1)
-        if step % cfg.log.every == 0 or step == cfg.train.max_steps:
+        out_of_time = time_is_up(accelerator, deadline)
+        last = step == cfg.train.max_steps or out_of_time
+        if step % cfg.log.every == 0 or last:
             row = meter.flush(step, lr, skipped_total)
             skipped_total = row["skipped"]
             if bar is not None:
@@ -379,7 +382,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, on_step: Optional[Call
             if not math.isfinite(row["loss"]):
                 raise SamaInputError(f"the loss became {row['loss']} at step {step}: lower optim.lr, check the data, "
                                      "or resume from an earlier checkpoint")
-        if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
+        if step % cfg.checkpoint.every == 0 or last:
             ckpt.save_checkpoint(accelerator, out_dir, step, ema,
                                  {"skipped": skipped_total, "global_batch": data.plan.global_batch,
                                   "config": run_fingerprint(cfg)}, cfg.checkpoint.keep)
@@ -387,12 +390,31 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, on_step: Optional[Call
             run_validation(cfg, accelerator, unwrapped, ema, val_samples, step, val_vae)
         if on_step is not None:
             on_step(step)
+        if out_of_time:
+            log.info("train.max_minutes (%s) spent at step %d of %d: checkpoint saved and exported; continue "
+                     "with --resume latest", cfg.train.max_minutes, step, cfg.train.max_steps)
+            break
 
     if bar is not None:
         bar.close()
     export = export_final(accelerator, model, ema, cfg, step, full_modules)
     accelerator.end_training()
     return TrainResult(step, out_dir, export, meter.history)
+
+
+clock = time.monotonic  # the loop's wall clock (a test replaces it)
+
+
+def time_is_up(accelerator, deadline: Optional[float]) -> bool:
+    """Whether the run's wall-clock budget (train.max_minutes) is spent. With several processes the main
+    process decides for all of them, so that every process stops (and saves) at the same step."""
+    if deadline is None:
+        return False
+    if accelerator.num_processes == 1:
+        return clock() >= deadline
+    from accelerate.utils import broadcast
+    flag = torch.tensor([float(clock() >= deadline)], device=accelerator.device)
+    return bool(broadcast(flag, from_process=0).item())
 
 
 def _progress_bar(cfg: TrainConfig, accelerator, step: int):

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Continue SAMA-Shapes stage 1 on one GPU for a fixed number of minutes, from raw clips (no feature cache:
+# on a GPU the encoders cost little next to the DiT step, and the clips need no carrying around).
+#
+#   RUN=runs/shapes_gpu MINUTES=6 bash scripts/shapes_stage1_gpu.sh
+#
+# RUN must hold the frozen parts of a finished run and the DiT to start from:
+#   RUN/vae/final/{vae.safetensors,latent_stats.json,...}   (copied from runs/shapes/vae/final)
+#   RUN/encoders/                                           (copied from runs/shapes/encoders)
+#   RUN/init/sama_dit.safetensors                            (stage 0's export, or a stage-1 checkpoint's EMA
+#                                                            DiT written by train.shapes.checkpoint_dit)
+# The training clips are generated here (train.synthetic, seed 0, split train: the same clips as
+# `train.shapes run`, CLIPS of them). The run stops after MINUTES (train.max_minutes) with a checkpoint and
+# RUN/stage1/final/sama_dit.safetensors; running the script again continues it (--resume latest).
+# This is what session 5 ran on an H100 (docs/sama_shapes.md has the numbers).
+set -euo pipefail
+PY=${PYTHON:-python3}
+RUN=${RUN:?set RUN to the run folder (see the header of this script)}
+MINUTES=${MINUTES:-6}
+CLIPS=${CLIPS:-2000}
+BATCH=${BATCH:-64}
+LR=${LR:-5e-4}
+WORKERS=${WORKERS:-$(nproc)}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+for need in vae/final/vae.safetensors encoders/text_encoder.safetensors init/sama_dit.safetensors; do
+  [ -f "$RUN/$need" ] || { echo "missing $RUN/$need (see the header of $0)" >&2; exit 2; }
+done
+
+if [ ! -f "$RUN/data/train/dataset.json" ]; then
+  echo "== generating $CLIPS training clips ($WORKERS processes)"
+  "$PY" -m train.synthetic --out "$RUN/data/train" --clips "$CLIPS" --seed 0 --split train --format npz \
+    --workers "$WORKERS" --overwrite
+fi
+
+# The settings of train/configs/shapes_stage1.yaml, with a GPU-sized batch and raw clips instead of a cache.
+cat > "$RUN/stage1_gpu.yaml" <<EOF
+output_dir: stage1
+seed: 0
+model:
+  init_from: init/sama_dit.safetensors
+  gradient_checkpointing: false
+encoders:
+  vae: vae/final/vae.safetensors
+  text_encoder: encoders/text_encoder.safetensors
+  siglip: encoders/siglip
+  dtype: fp32
+data:
+  manifests:
+  - path: data/train/video_edits.jsonl
+    repeat: 2
+  - data/train/image_edits.jsonl
+  cache_dir: null
+  buckets: [[64, 64]]
+  frame_buckets: [17]
+  num_workers: $(( WORKERS > 12 ? 12 : WORKERS ))
+  probe_workers: $WORKERS
+train:
+  batch_size: $BATCH
+  max_steps: 1000000
+  max_minutes: $MINUTES
+  mixed_precision: 'no'
+  edit_region_weight: 20.0
+  prompt_dropout: 0.1
+optim:
+  lr: $LR
+  warmup_steps: 200
+  weight_decay: 0.01
+ema:
+  decay: 0.999
+checkpoint:
+  every: 1000
+  keep: 2
+validation:
+  every: 0
+log:
+  every: 100
+  tensorboard: false
+  progress_bar: false
+export:
+  dtype: fp32
+EOF
+
+echo "== stage 1 for $MINUTES min (batch $BATCH, lr $LR)"
+"$PY" -m train stage1 --config "$RUN/stage1_gpu.yaml" --resume latest
+echo "== exported $RUN/stage1/final/sama_dit.safetensors"
