@@ -89,13 +89,13 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
-    compare("tiny", PRESETS["tiny"], frames=3, size=16, repeats=args.repeats, device=device)
-    medium = SamaConfig(dim=512, ffn_dim=1536, num_heads=4, num_layers=4, text_dim=256, freq_dim=256)
-    compare("medium", medium, frames=5, size=32, repeats=args.repeats, device=device)
-    if args.gpu_14b:
+    if args.gpu_14b:  # first: the number a GPU session comes for
         if device != "cuda":
             sys.exit("--gpu-14b needs a CUDA GPU")
         gpu_14b_block(args.repeats, args.backend)
+    compare("tiny", PRESETS["tiny"], frames=3, size=16, repeats=args.repeats, device=device)
+    medium = SamaConfig(dim=512, ffn_dim=1536, num_heads=4, num_layers=4, text_dim=256, freq_dim=256)
+    compare("medium", medium, frames=5, size=32, repeats=args.repeats, device=device)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ def rope_real(x, grid, head_dim):
     """x (B, L, H, hd), grid (f, h, w): rotate adjacent pairs with cos/sin, positions from 0."""
     f, h, w = grid
     bands = (head_dim - 2 * (head_dim // 3), head_dim // 3, head_dim // 3)
-    pos = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+    ar = lambda *a: torch.arange(*a, device=x.device)  # noqa: E731  (the inputs' device: CPU tests, GPU bench)
+    pos = torch.stack(torch.meshgrid(ar(f), ar(h), ar(w), indexing="ij"), -1)
     pos = pos.reshape(-1, 3).double()  # (L, 3)
-    angles = torch.cat([pos[:, i:i + 1] * 10000.0 ** (-torch.arange(0, d, 2).double() / d)
+    angles = torch.cat([pos[:, i:i + 1] * 10000.0 ** (-ar(0, d, 2).double() / d)
                         for i, d in enumerate(bands)], dim=1)  # (L, hd/2)
     cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
     xe, xo = x.double()[..., 0::2], x.double()[..., 1::2]
@@ -40,7 +41,7 @@ def reference_wan_t2v(sd, cfg, x, t, ctx, segment_bias=None):
     """Plain Wan2.1 T2V forward over a weight dict (the optional bias is SAMA's target segment row)."""
     lin = lambda name, inp: F.linear(inp, sd[name + ".weight"], sd[name + ".bias"])
     half = cfg.freq_dim // 2
-    ang = t.double()[:, None] * 10000.0 ** (-torch.arange(half).double() / half)[None]
+    ang = t.double()[:, None] * 10000.0 ** (-torch.arange(half, device=t.device).double() / half)[None]
     temb = torch.cat([ang.cos(), ang.sin()], 1).float()
     e = lin("time_embedding.2", F.silu(lin("time_embedding.0", temb)))
     e6 = lin("time_projection.1", F.silu(e)).view(-1, 6, cfg.dim)
