@@ -12,6 +12,7 @@
 # The training clips are generated here (train.synthetic, seed 0, split train: the same clips as
 # `train.shapes run`, CLIPS of them). The run stops after MINUTES (train.max_minutes) with a checkpoint and
 # RUN/stage1/final/sama_dit.safetensors; running the script again continues it (--resume latest).
+# PREPARE_ONLY=1 stops after the clips and the config (e.g. to run bench/train_step.py on them first).
 # This is what session 5 ran on an H100 (docs/sama_shapes.md has the numbers).
 set -euo pipefail
 PY=${PYTHON:-python3}
@@ -81,6 +82,8 @@ log:
 export:
   dtype: fp32
 EOF
+
+[ "${PREPARE_ONLY:-0}" = 1 ] && { echo "== prepared $RUN/stage1_gpu.yaml"; exit 0; }
 
 echo "== stage 1 for $MINUTES min (batch $BATCH, lr $LR)"
 "$PY" -m train stage1 --config "$RUN/stage1_gpu.yaml" --resume latest

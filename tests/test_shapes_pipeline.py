@@ -3,6 +3,7 @@ exact resume), the evaluation metrics against their baselines, the orchestrator'
 the whole tiny budget end to end (slow: every stage, resume, the bundle through the pipeline and the demo).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -147,6 +148,8 @@ def test_vae_config_errors_name_the_key_and_the_fix():
         vae_config_from_dict(base, ["model.base_dims=8"])
     with pytest.raises(SamaInputError, match="data.datasets is empty"):
         vae_config_from_dict({})
+    with pytest.raises(SamaInputError, match="max_minutes must be > 0"):
+        vae_config_from_dict(base, ["max_minutes=0"])
 
 
 def _small_vae_cfg(train_set, out, steps):
@@ -187,6 +190,29 @@ def test_vae_training_resumes_exactly_and_exports_a_loadable_normalised_vae(trai
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert [m["frames"] for m in metrics] == [1, 5, 5, 5]  # one single-frame step, then clips
     assert all(m["psnr"] == pytest.approx(10 * math.log10(4 / m["mse"])) for m in metrics)
+
+
+def test_vae_max_minutes_stops_with_a_checkpoint_and_an_export_and_resume_matches(train_set, tmp_path,
+                                                                                   monkeypatch):
+    from safetensors.torch import load_file
+
+    import train.loop as loop
+    whole = train_vae(_small_vae_cfg(train_set, tmp_path / "whole", 4))
+    _reset_accelerate()
+    minutes = iter(range(0, 100_000, 60))  # each look at the clock: one more minute
+    monkeypatch.setattr(loop, "clock", lambda: float(next(minutes)))
+    timed = _small_vae_cfg(train_set, tmp_path / "timed", 4)
+    timed.max_minutes = 0.5  # deadline 30 s: the clock reads 60 after step 1 -> stop (checkpoints every 2)
+    train_vae(timed)
+    stats = json.loads((tmp_path / "timed" / "final" / "latent_stats.json").read_text())
+    assert stats["step"] == 1  # exported at the stop
+    assert [p.name for p in sorted((tmp_path / "timed").glob("checkpoint-*"))] == ["checkpoint-1"]
+    _reset_accelerate()
+    monkeypatch.setattr(loop, "clock", lambda: 0.0)
+    timed.max_minutes = None
+    resumed = train_vae(timed, resume="latest")
+    a, b = load_file(str(whole / "vae.safetensors")), load_file(str(resumed / "vae.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -320,6 +346,49 @@ def test_run_refuses_another_budget_and_bad_overrides(tmp_path):
     assert not (tmp_path / "shapes_stage0.yaml").exists()
 
 
+def test_gpu_budget_trains_from_the_clips_on_the_clock(tmp_path):
+    from train.config import load_config
+    from train.vae_train import load_vae_config
+    run = shapes.start_run(tmp_path, "gpu", "full", echo=lambda s: None)
+    paths = shapes.write_configs(run)  # every override is a valid key (materialize_config checks)
+    stage0, stage1 = load_config(paths["stage0"]), load_config(paths["stage1"])
+    assert stage0.data.cache_dir is None and stage1.data.cache_dir is None
+    assert (stage0.train.max_minutes, stage1.train.max_minutes) == (2.5, 5)
+    assert stage1.train.batch_size == 64 and stage1.train.prompt_dropout == 0.1
+    manifests = [m["path"] if isinstance(m, dict) else m for m in stage1.data.manifests]
+    assert manifests == ["data/train/video_edits.jsonl", "data/train/image_edits.jsonl"]  # every clip, no subset
+    assert load_vae_config(paths["vae"]).max_minutes == 4.5
+    names = [s.name for s in shapes.stages_of(run)]
+    assert names == ["data", "vae", "encoders", "stage0", "stage1", "export", "eval"]
+    assert dict((s.name, s.deps) for s in shapes.stages_of(run))["stage0"] == ("data", "vae", "encoders")
+    with pytest.raises(SamaInputError, match="--until must be one of"):
+        shapes.run_pipeline(run, until="cache0")
+
+
+def test_default_guidance_follows_prompt_dropout(tmp_path, monkeypatch):
+    for dropout, guidance in ((0.1, 2.0), (0.0, 1.0)):
+        budget = dataclasses.replace(shapes.BUDGETS["tiny"], name=f"tiny{dropout}",
+                                     stage1=(*shapes.BUDGETS["tiny"].stage1, f"train.prompt_dropout={dropout}"))
+        monkeypatch.setitem(shapes.BUDGETS, budget.name, budget)
+        run = shapes.start_run(tmp_path / str(dropout), budget.name, "full", echo=lambda s: None)
+        shapes.write_configs(run)
+        assert shapes.default_guidance(run) == guidance
+
+
+@pytest.mark.slow
+def test_an_uncached_budget_trains_both_stages_from_the_clips(tmp_path, monkeypatch):
+    from train.config import load_config
+    raw = dataclasses.replace(shapes.BUDGETS["tiny"], name="tiny_raw", cached=False)
+    monkeypatch.setitem(shapes.BUDGETS, "tiny_raw", raw)
+    run = shapes.start_run(tmp_path, "tiny_raw", "full", echo=lambda s: None)
+    assert shapes.run_pipeline(run, until="export") == ["data", "vae", "encoders", "stage0", "stage1", "export"]
+    assert not (tmp_path / "cache").exists()
+    assert load_config(tmp_path / "shapes_stage1.yaml").data.cache_dir is None
+    index = json.loads((tmp_path / "stage1" / "data_index.json").read_text())  # the raw path's index
+    assert index["samples"]
+    assert (tmp_path / "bundle" / "bundle.json").is_file()
+
+
 def test_demo_clip_is_a_clear_colour_edit_of_the_demo_split():
     clip = shapes.pick_demo_clip()
     edit = clip.edits[0].edit
@@ -401,7 +470,8 @@ def test_tiny_budget_runs_every_stage_and_continues_after_a_stop(tiny_run):
     out = tiny_run["out"]
     spec = json.loads((out / "bundle" / "bundle.json").read_text())
     assert {"dit", "vae", "text_encoder", "siglip"} <= set(spec)
-    assert spec["defaults"] == {"steps": 2, "guidance": 1.0, "shift": 5.0, "target_area": 4096}
+    # guidance 2: the stage-1 template trains with prompt dropout (shapes.default_guidance)
+    assert spec["defaults"] == {"steps": 2, "guidance": 2.0, "shift": 5.0, "target_area": 4096}
     card = spec["card"]
     assert card["demo_video"] == "sample.mp4" and card["demo_prompt"]
     assert card["metrics"]["ground truth"]["accuracy"] == 1.0

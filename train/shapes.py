@@ -76,6 +76,9 @@ class Budget:
     dit_clips: Optional[int] = None  # the DiT stages use the samples of the first N training clips (None: all)
     sample_steps: int = 20          # the bundle's default sampling steps (the demo's)
     dit_dtype: str = "fp16"         # storage dtype of the DiT in the bundle (it is computed in fp32)
+    # False: the DiT stages read the clips and encode them every step (no cache0/cache1 stages). On a GPU
+    # the encoders cost little next to the step and a run saves the cache's minutes of one-by-one encoding.
+    cached: bool = True
 
 
 _TINY_DIT = ("model.config={dim: 32, ffn_dim: 64, num_heads: 1, num_layers: 1, text_dim: 16, freq_dim: 16, "
@@ -96,6 +99,19 @@ BUDGETS = {
                    stage1=("train.max_steps=3", *_TINY_LOOP),
                    eval_clips=1, sample_steps=2),
 }
+
+# A GPU recipe sized for a short lease (15 minutes of one H100, in two calls of at most 10 minutes):
+# `run --budget gpu --until stage0` (~9 min), then stage 1 (~6 min). Stages stop on the clock
+# (train.max_minutes / the VAE's max_minutes) with a checkpoint and an export, so the steps are upper bounds.
+# The speeds behind the sizes (session 5, H100): stage 1 from raw clips at batch 64 ran 320-350 samples/s.
+_GPU_LOOP = ("train.batch_size=64", "train.max_steps=1000000", "data.num_workers=12", "data.probe_workers=16",
+             "checkpoint.every=1000", "checkpoint.keep=2", "log.every=100", "validation.every=0")
+BUDGETS["gpu"] = Budget(
+    "gpu", train_clips=2000, heldout_clips=100, data_workers=16, eval_clips=40, cached=False,
+    vae=("batch_size=16", "max_steps=6000", "max_minutes=4.5", "data.image_steps=2000", "data.image_batch_size=64",
+         "data.long_from_step=3000", "data.long_batch_size=16", "checkpoint.every=1000", "log.every=100"),
+    stage0=(*_GPU_LOOP, "train.max_minutes=2.5", "optim.lr=5.0e-4"),
+    stage1=(*_GPU_LOOP, "train.max_minutes=5"))
 
 # Ablations of the toy reproduction (docs/sama_shapes.md); "stage 0 only" is a row of every run's eval.
 VARIANTS = {
@@ -233,6 +249,8 @@ def stage_overrides(run: Run, stage: str) -> list[str]:
         overrides += [f"model.config.text_dim={b.text_dim}", f"model.config.siglip_dim={b.siglip_width}"]
     if b.dit_clips is not None:
         overrides.append(subset_manifests_override(stage, b.dit_clips))
+    if not b.cached:
+        overrides.append("data.cache_dir=null")
     return overrides
 
 
@@ -492,6 +510,25 @@ STAGES = (
     Stage("eval", ("export", "stage0"), ("eval/results.md", "bundle/README.md"), ("eval",), stage_eval),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+_CACHE_STAGES = {"cache0": ("data", "vae", "encoders"), "cache1": ("data", "vae", "encoders")}
+
+
+def stages_of(run: Run) -> tuple:
+    """The stages of this run: without the cache stages when its budget trains from the clips (a stage that
+    depended on a cache depends on what the cache depended on)."""
+    if run.budget.cached:
+        return STAGES
+    out = []
+    for stage in STAGES:
+        if stage.name in _CACHE_STAGES:
+            continue
+        deps = []
+        for d in stage.deps:
+            for dep in _CACHE_STAGES.get(d, (d,)):
+                if dep not in deps:
+                    deps.append(dep)
+        out.append(dataclasses.replace(stage, deps=tuple(deps)))
+    return tuple(out)
 
 
 def _stamp(run: Run, name: str, what: str = "done") -> Path:
@@ -546,12 +583,13 @@ def _touch_later_than(path: Path, other_ns: float) -> None:
 
 def run_pipeline(run: Run, until: Optional[str] = None, install: bool = False) -> list[str]:
     """Run every stage that is not done (up to `until`); returns the names of the stages that ran."""
-    names = [stage.name for stage in STAGES]
+    stages = stages_of(run)
+    names = [stage.name for stage in stages]
     if until is not None and until not in names:
         raise SamaInputError(f"--until must be one of {', '.join(names)}, got {until!r}")
     write_configs(run)
     ran = []
-    for stage in STAGES:
+    for stage in stages:
         state = stage_state(run, stage)
         if state == "done":
             run.echo(f"[{stage.name}] done, skipped")
@@ -563,7 +601,7 @@ def run_pipeline(run: Run, until: Optional[str] = None, install: bool = False) -
         if stage.name == until:
             break
     if install:
-        if stage_state(run, STAGES[-1]) != "done":
+        if stage_state(run, stages[-1]) != "done":
             raise SamaInputError("--install needs a complete run (the eval stage writes the model card)")
         install_bundle(run.path("bundle"), ASSET_BUNDLE)
         run.echo(f"installed the bundle into {ASSET_BUNDLE}")
@@ -592,7 +630,8 @@ def export_bundle(run: Run, folder: Path) -> Path:
     text, spiece = load_umt5_encoder([run.path("encoders", "text_encoder.safetensors")], dtype=torch.float32)
     siglip = load_siglip_vision(run.path("encoders", "siglip"))
     demo = json.loads(run.path("data", "demo", "sample.json").read_text())
-    defaults = {"steps": run.budget.sample_steps, "guidance": 1.0, "shift": 5.0, "target_area": 64 * 64}
+    defaults = {"steps": run.budget.sample_steps, "guidance": default_guidance(run), "shift": 5.0,
+                "target_area": 64 * 64}
     write_bundle(tmp, dit, vae, text, spiece, siglip, defaults, card=base_card(run, demo))
     shutil.copy2(run.path("data", "demo", "sample.mp4"), tmp / "sample.mp4")
     # The ground-truth edit of the demo clip (same motion, only the requested change): what the tests and
@@ -612,6 +651,14 @@ def export_bundle(run: Run, folder: Path) -> Path:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def default_guidance(run: Run) -> float:
+    """The bundle's guidance: 2.0 when stage 1 trained with prompt dropout (the DiT then knows the
+    unconditional prediction that guidance extrapolates from; session 5 measured 2 best on the demo), else
+    1.0 (no guidance: without dropout, guidance > 1 made edits worse, session 4)."""
+    from .config import load_config
+    return 2.0 if load_config(run.path("shapes_stage1.yaml")).train.prompt_dropout > 0 else 1.0
 
 
 def base_card(run: Run, demo: dict) -> dict:
@@ -823,7 +870,7 @@ def main(argv=None) -> int:
         state = json.loads((Path(args.out) / RUN_FILE).read_text())
         run = start_run(args.out, state["budget"], state["variant"], state.get("reuse"))
         if args.command == "status":
-            for stage in STAGES:
+            for stage in stages_of(run):
                 seconds = state.get("stages", {}).get(stage.name, {}).get("seconds")
                 spent = "" if seconds is None else f"{seconds:.0f} s"
                 print(f"{stage.name:9s} {stage_state(run, stage):8s} {spent}")

@@ -60,6 +60,7 @@ from sama_core.errors import SamaError, SamaFileNotFoundError, SamaInputError
 from sama_core.vae import LATENT_CHANNELS, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
 
 from . import checkpoint as ckpt
+from . import loop  # the wall clock and the time-budget check (train.max_minutes) shared with train/
 from .config import CheckpointConfig, EMAConfig, build_config, read_config_file
 from .data import derive_seed
 
@@ -142,6 +143,7 @@ class VAETrainConfig:
     batch_size: int = 4                 # per process
     max_steps: int = 4000
     mixed_precision: str = "no"         # no | bf16 (accelerate autocast; weights stay fp32)
+    max_minutes: Optional[float] = None  # wall-clock budget of one invocation: then checkpoint + export (as train/)
     model: VAEArchConfig = dataclasses.field(default_factory=VAEArchConfig)
     data: VAEDataConfig = dataclasses.field(default_factory=VAEDataConfig)
     loss: VAELossConfig = dataclasses.field(default_factory=VAELossConfig)
@@ -188,6 +190,8 @@ def validate_vae_config(cfg: VAETrainConfig) -> None:
     if not cfg.data.datasets:
         raise SamaInputError("data.datasets is empty: give SAMA-Shapes folders written by `python -m "
                              "train.synthetic` (each holds video_edits.jsonl)")
+    if cfg.max_minutes is not None and not cfg.max_minutes > 0:
+        raise SamaInputError(f"max_minutes must be > 0 (or null for no time limit), got {cfg.max_minutes}")
     if cfg.mixed_precision not in ("no", "bf16"):
         raise SamaInputError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r} (fp16 "
                              "overflows in the Wan VAE)")
@@ -521,6 +525,7 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
     rank = accelerator.process_index
     sums, count, samples, t0 = torch.zeros(4), 0, 0, time.perf_counter()
     bar = _progress_bar(cfg, accelerator, step)
+    deadline = loop.clock() + 60.0 * cfg.max_minutes if cfg.max_minutes else None
     while step < cfg.max_steps:
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
@@ -549,7 +554,9 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
         samples += batch_size * accelerator.num_processes
         if bar is not None:
             bar.update(1)
-        if step % cfg.log.every == 0 or step == cfg.max_steps:
+        out_of_time = loop.time_is_up(accelerator, deadline)
+        last = step == cfg.max_steps or out_of_time
+        if step % cfg.log.every == 0 or last:
             means = accelerator.reduce(sums.to(accelerator.device) / count, reduction="mean").cpu().tolist()
             elapsed = max(time.perf_counter() - t0, 1e-9)
             row = {"step": step, "loss": means[0], "l1": means[1], "mse": means[2], "kl": means[3],
@@ -561,8 +568,12 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
                 log.info("step %d  loss %.5f  l1 %.4f  mse %.5f (%.2f dB)  kl %.3f  lr %.3g  %.2f steps/s", step,
                          row["loss"], row["l1"], row["mse"], row["psnr"], row["kl"], lr, row["steps_per_s"])
             sums, count, samples, t0 = torch.zeros(4), 0, 0, time.perf_counter()
-        if step % cfg.checkpoint.every == 0 or step == cfg.max_steps:
+        if step % cfg.checkpoint.every == 0 or last:
             ckpt.save_checkpoint(accelerator, out, step, ema, {"kind": "vae"}, cfg.checkpoint.keep)
+        if out_of_time:
+            log.info("max_minutes (%s) spent at step %d of %d: checkpoint saved; exporting (continue with "
+                     "--resume latest)", cfg.max_minutes, step, cfg.max_steps)
+            break
     if bar is not None:
         bar.close()
 

@@ -1,0 +1,77 @@
+"""Where a training step's time goes: the data loader, the encoders (raw clips only) and the DiT step.
+
+    python bench/train_step.py --config runs/shapes_gpu/stage1_gpu.yaml [--batches 20]
+
+Times the three parts of train.loop's step separately, each over the same number of batches after one
+warm-up batch, on the config's data, batch size and device (CUDA when there is one), and prints the share
+of each. Nothing is written to the run folder (the DiT is stage 1's init, its updates are thrown away).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train.config import load_config  # noqa: E402
+from train.loop import build_training_data, make_accelerator, make_loader, optimizer_step  # noqa: E402
+from train.features import batch_to  # noqa: E402
+from train.modeling import build_dit  # noqa: E402
+
+
+def synced() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    args = p.parse_args(argv)
+    cfg = load_config(Path(args.config), args.overrides)
+    accelerator = make_accelerator(cfg)
+    data = build_training_data(cfg, accelerator)
+    model = build_dit(cfg).model
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.optim.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    batches = iter(make_loader(cfg, data, accelerator, start_batch=0))
+    n = args.batches
+
+    def to_features(raw):
+        features = data.encoders.encode_batch(raw) if data.encoders is not None else raw
+        return batch_to(features, accelerator.device)
+
+    next(batches)  # workers start
+    start = synced()
+    raws = [next(batches) for _ in range(n + 1)]
+    loader = (synced() - start) / (n + 1)
+    to_features(raws[0])
+    start = synced()
+    features = [to_features(r) for r in raws[1:]]
+    encode = (synced() - start) / n
+    patch = accelerator.unwrap_model(model).config.patch_size
+    optimizer_step(accelerator, model, optimizer, [features[0]], cfg, lambda f: f, trainable, patch)
+    start = synced()
+    for f in features:
+        optimizer_step(accelerator, model, optimizer, [f], cfg, lambda f: f, trainable, patch)
+    step = (synced() - start) / n
+    total = loader + encode + step
+    size = cfg.train.batch_size
+    print(f"device {accelerator.device}, batch {size}, {n} batches, {cfg.data.num_workers} loader workers")
+    for name, sec in (("loader (one process's wait)", loader), ("encoders", encode), ("DiT step", step)):
+        print(f"  {name:28s} {sec * 1000:8.1f} ms/batch  {100 * sec / total:5.1f}%  ({size / sec:8.0f} samples/s alone)")
+    print(f"  all three in series: {size / total:.0f} samples/s (the loader's workers overlap it in training)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
