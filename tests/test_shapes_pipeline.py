@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from train.vae_train import (
 )
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
@@ -376,17 +378,62 @@ def test_default_guidance_follows_prompt_dropout(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_an_uncached_budget_trains_both_stages_from_the_clips(tmp_path, monkeypatch):
+def test_an_uncached_budget_trains_both_stages_from_the_clips(tmp_path):
     from train.config import load_config
-    raw = dataclasses.replace(shapes.BUDGETS["tiny"], name="tiny_raw", cached=False)
-    monkeypatch.setitem(shapes.BUDGETS, "tiny_raw", raw)
-    run = shapes.start_run(tmp_path, "tiny_raw", "full", echo=lambda s: None)
+    run = shapes.start_run(tmp_path, "tiny_gpu", "full", echo=lambda s: None)
     assert shapes.run_pipeline(run, until="export") == ["data", "vae", "encoders", "stage0", "stage1", "export"]
     assert not (tmp_path / "cache").exists()
     assert load_config(tmp_path / "shapes_stage1.yaml").data.cache_dir is None
     index = json.loads((tmp_path / "stage1" / "data_index.json").read_text())  # the raw path's index
     assert index["samples"]
     assert (tmp_path / "bundle" / "bundle.json").is_file()
+
+    # The run folder copied without its clips (to a GPU machine, say): the data stage regenerates them, finds
+    # the same digest, and nothing after it runs again.
+    shutil.rmtree(tmp_path / "data")
+    assert shapes.run_pipeline(run, until="export") == ["data"]
+    assert shapes.stage_state(run, dict((s.name, s) for s in shapes.stages_of(run))["vae"]) == "done"
+
+
+@pytest.mark.slow
+def test_gpu_lease_script_carries_a_run_between_calls_without_its_clips(tmp_path):
+    """scripts/shapes_gpu_lease.sh at toy size: each step starts from the previous step's packed run (a new
+    folder each time, as on a fresh machine) and runs only its own stages."""
+    import subprocess
+    script = os.path.join(REPO, "scripts", "shapes_gpu_lease.sh")
+    env = dict(os.environ, BUDGET="tiny_gpu", PYTHON=sys.executable)
+
+    def step(*args):
+        done = subprocess.run(["bash", script, *map(str, args)], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return [line for line in done.stdout.splitlines() if line.startswith("[")]
+
+    base = step("base", tmp_path / "a", tmp_path / "p1")
+    assert "[stage0] running" in base and not any(line.startswith("[stage1]") for line in base)
+    assert all(p.stat().st_size <= 15 * 2 ** 20 for p in (tmp_path / "p1").iterdir())
+    second = step("stage1", tmp_path / "b", tmp_path / "p2", tmp_path / "p1")
+    assert "[data] running" in second and "[vae] done, skipped" in second and "[stage0] done, skipped" in second
+    assert "[stage1] running" in second
+    last = step("finish", tmp_path / "c", tmp_path / "p2")
+    assert "[stage1] done, skipped" in last and "[export] running" in last and "[eval] running" in last
+    assert (tmp_path / "c" / "bundle" / "bundle.json").is_file()
+
+
+def test_data_digest_changes_with_any_manifest_line(tmp_path):
+    run = shapes.start_run(tmp_path, "tiny", "full", echo=lambda s: None)
+    for split in ("train", "heldout"):
+        folder = tmp_path / "data" / split
+        folder.mkdir(parents=True)
+        (folder / "dataset.json").write_text('{"seed": 0}')
+        (folder / "video_edits.jsonl").write_text('{"instruction": "make the red circle blue"}\n')
+    (tmp_path / "data" / "demo").mkdir()
+    (tmp_path / "data" / "demo" / "sample.json").write_text("{}")
+    first = shapes.data_digest(run)
+    (tmp_path / "data" / "train" / "dataset.json").write_text('{"seed": 0, "seconds": 2.5}')  # timing only
+    assert shapes.data_digest(run) == first
+    (tmp_path / "data" / "heldout" / "video_edits.jsonl").write_text('{"instruction": "make the red circle green"}\n')
+    assert shapes.data_digest(run) != first
 
 
 def test_demo_clip_is_a_clear_colour_edit_of_the_demo_split():

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -112,6 +113,8 @@ BUDGETS["gpu"] = Budget(
          "data.long_from_step=3000", "data.long_batch_size=16", "checkpoint.every=1000", "log.every=100"),
     stage0=(*_GPU_LOOP, "train.max_minutes=2.5", "optim.lr=5.0e-4"),
     stage1=(*_GPU_LOOP, "train.max_minutes=5"))
+# The GPU recipe's machinery (no caches; scripts/shapes_gpu_lease.sh) at the tiny budget's sizes.
+BUDGETS["tiny_gpu"] = dataclasses.replace(BUDGETS["tiny"], name="tiny_gpu", cached=False)
 
 # Ablations of the toy reproduction (docs/sama_shapes.md); "stage 0 only" is a row of every run's eval.
 VARIANTS = {
@@ -490,11 +493,32 @@ class Stage:
     outputs: tuple          # relative to the run folder; all must exist for the stage to count as done
     workdirs: tuple         # removed before a restart forced by a dependency that ran again
     action: Callable[[Run], None]
+    # For a stage whose outputs are a pure function of the run's settings (the data): a digest of them.
+    # When the stage runs again (its outputs were deleted, or the run folder was copied without them) and
+    # the digest is unchanged, the later stages stay done.
+    digest: Optional[Callable[[Run], str]] = None
+
+
+def data_digest(run: Run) -> str:
+    """SHA-256 of what defines the data: each split's dataset.json (generator version, seed, config, count;
+    not the seconds it took) and manifests (every instruction, edit and caption), and the demo's sample.json."""
+    h = hashlib.sha256()
+    files = [run.path("data", "demo", "sample.json")]
+    for split in ("train", "heldout"):
+        folder = run.path("data", split)
+        files += [folder / "dataset.json", *sorted(folder.glob("*.jsonl"))]
+    for path in files:
+        content = path.read_bytes()
+        if path.name == "dataset.json":
+            content = json.dumps({k: v for k, v in json.loads(content).items() if k != "seconds"},
+                                 sort_keys=True).encode()
+        h.update(path.relative_to(run.out).as_posix().encode() + b"\0" + content)
+    return h.hexdigest()
 
 
 STAGES = (
     Stage("data", (), ("data/train/dataset.json", "data/heldout/dataset.json", "data/demo/sample.json"),
-          ("data",), stage_data),
+          ("data",), stage_data, digest=data_digest),
     Stage("vae", ("data",), ("vae/final/vae.safetensors",), ("vae",), stage_vae),
     Stage("encoders", ("data",), ("encoders/encoders.json",), ("encoders",), stage_encoders),
     Stage("cache0", ("data", "vae", "encoders"), ("cache/stage0/cache_index.json",), ("cache/stage0",),
@@ -561,6 +585,7 @@ def run_stage(run: Run, stage: Stage) -> None:
                 run.echo(f"[{stage.name}] a dependency changed: removing {path}")
                 shutil.rmtree(path)
     started.parent.mkdir(exist_ok=True)
+    before = _stamped_digest(done), _mtime(started), _mtime(done)
     done.unlink(missing_ok=True)
     started.touch()
     _touch_later_than(started, newest_dep)
@@ -569,9 +594,22 @@ def run_stage(run: Run, stage: Stage) -> None:
     missing = [o for o in stage.outputs if not run.path(o).exists()]
     if missing:
         raise SamaInputError(f"stage {stage.name} finished without writing {missing}; see {run.path('logs')}")
-    done.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    digest = stage.digest(run) if stage.digest is not None else None
+    done.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n") + (f"digest {digest}\n" if digest else ""))
     _touch_later_than(done, _mtime(started))
+    if digest is not None and digest == before[0]:
+        # The same outputs as before: the stamps keep their times, so the later stages stay done.
+        run.echo(f"[{stage.name}] the same {stage.name} as before (digest {digest[:12]}): later stages stay done")
+        for path, ns in ((started, before[1]), (done, before[2])):
+            os.utime(path, ns=(ns, ns))
     run.record(stage.name, time.perf_counter() - t0)
+
+
+def _stamped_digest(done: Path) -> Optional[str]:
+    if not done.exists():
+        return None
+    lines = [line for line in done.read_text().splitlines() if line.startswith("digest ")]
+    return lines[0].split(" ", 1)[1] if lines else None
 
 
 def _touch_later_than(path: Path, other_ns: float) -> None:
