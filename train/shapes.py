@@ -601,7 +601,8 @@ def run_stage(run: Run, stage: Stage) -> None:
         # The same outputs as before: the stamps keep their times, so the later stages stay done.
         run.echo(f"[{stage.name}] the same {stage.name} as before (digest {digest[:12]}): later stages stay done")
         for path, ns in ((started, before[1]), (done, before[2])):
-            os.utime(path, ns=(ns, ns))
+            if ns >= 0:
+                os.utime(path, ns=(ns, ns))
     run.record(stage.name, time.perf_counter() - t0)
 
 
