@@ -355,11 +355,11 @@ def test_gpu_budget_trains_from_the_clips_on_the_clock(tmp_path):
     paths = shapes.write_configs(run)  # every override is a valid key (materialize_config checks)
     stage0, stage1 = load_config(paths["stage0"]), load_config(paths["stage1"])
     assert stage0.data.cache_dir is None and stage1.data.cache_dir is None
-    assert (stage0.train.max_minutes, stage1.train.max_minutes) == (2.5, 5)
+    assert (stage0.train.max_minutes, stage1.train.max_minutes) == (1.5, 4.5)
     assert stage1.train.batch_size == 64 and stage1.train.prompt_dropout == 0.1
     manifests = [m["path"] if isinstance(m, dict) else m for m in stage1.data.manifests]
     assert manifests == ["data/train/video_edits.jsonl", "data/train/image_edits.jsonl"]  # every clip, no subset
-    assert load_vae_config(paths["vae"]).max_minutes == 4.5
+    assert load_vae_config(paths["vae"]).max_minutes == 3.5
     names = [s.name for s in shapes.stages_of(run)]
     assert names == ["data", "vae", "encoders", "stage0", "stage1", "export", "eval"]
     assert dict((s.name, s.deps) for s in shapes.stages_of(run))["stage0"] == ("data", "vae", "encoders")
