@@ -4,7 +4,8 @@
 
 Times the three parts of train.loop's step separately, each over the same number of batches after one
 warm-up batch, on the config's data, batch size and device (CUDA when there is one), and prints the share
-of each. Nothing is written to the run folder (the DiT is stage 1's init, its updates are thrown away).
+of each. The DiT's updates are thrown away: no checkpoint or export is written (only the data index that
+training from raw clips writes anyway).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ the cache step (contents against the encoders, resume, stale settings, a corrupt
 stage 1 through the CLI from raw data, raw and cached training agreeing, validation files."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -248,3 +249,20 @@ def test_a_cache_without_anchor_tokens_is_refused_for_semantic_anchoring(ws, tmp
     for step in (build_cache, train):
         with pytest.raises(ValueError, match="built with data.semantic_anchoring=false .* rebuild it"):
             step(with_anchors)
+
+
+def test_train_step_bench_times_the_loader_the_encoders_and_the_dit_step(ws, tmp_path, capsys):
+    """bench/train_step.py on the tiny workspace (stage 0 from raw clips, so the encoders run): three parts."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "train_step.py")
+    spec = importlib.util.spec_from_file_location("bench_train_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench_run"
+    assert bench.main(["--config", str(ws["config_stage0"]), "--batches", "2", f"output_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if "ms/batch" in line]
+    assert [r.split()[0] for r in rows] == ["loader", "encoders", "DiT"]
+    assert all(float(r.split("ms/batch")[0].split()[-1]) > 0 for r in rows)
+    assert "samples/s" in printed.splitlines()[-1]
+    assert not list(out.glob("checkpoint-*")) and not (out / "final").exists()
