@@ -553,6 +553,29 @@ def test_tiny_bundle_loads_through_the_pipeline_and_the_demo_runs(tiny_run, tmp_
 
 
 @pytest.mark.slow
+def test_stage1_gpu_script_continues_a_dit_from_fresh_clips_on_the_clock(tiny_run, tmp_path):
+    """scripts/shapes_stage1_gpu.sh (what ran on the H100 in session 5), on the tiny run's parts, on CPU."""
+    import subprocess
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["out"] / "vae" / "final", run / "vae" / "final")
+    shutil.copytree(tiny_run["out"] / "encoders", run / "encoders")
+    (run / "init").mkdir()
+    shutil.copy2(tiny_run["out"] / "stage0" / "final" / "sama_dit.safetensors", run / "init")
+    env = dict(os.environ, RUN=str(run), MINUTES="0.01", CLIPS="2", BATCH="2", WORKERS="1", PYTHON=sys.executable)
+    script = os.path.join(REPO, "scripts", "shapes_stage1_gpu.sh")
+    for attempt in (1, 2):  # the second call continues the first (--resume latest)
+        done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "train.max_minutes (0.01) spent" in done.stdout + done.stderr
+    assert "resumed from" in done.stdout + done.stderr
+    assert (run / "data" / "train" / "video_edits.jsonl").is_file()
+    assert (run / "stage1" / "final" / "sama_dit.safetensors").is_file()
+    empty = subprocess.run(["bash", script], env=dict(env, RUN=str(tmp_path / "empty")), capture_output=True,
+                           text=True)
+    assert empty.returncode == 2 and "missing" in empty.stderr and "vae.safetensors" in empty.stderr
+
+
+@pytest.mark.slow
 def test_tiny_tokenizer_covers_the_held_out_instructions(tiny_run):
     import sentencepiece
 
