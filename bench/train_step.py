@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.config import load_config  # noqa: E402
-from train.loop import build_training_data, make_accelerator, make_loader, optimizer_step  # noqa: E402
 from train.features import batch_to  # noqa: E402
+from train.loop import build_training_data, make_accelerator, make_loader, optimizer_step  # noqa: E402
 from train.modeling import build_dit  # noqa: E402
 
 
@@ -69,8 +69,10 @@ def main(argv=None) -> int:
     size = cfg.train.batch_size
     print(f"device {accelerator.device}, batch {size}, {n} batches, {cfg.data.num_workers} loader workers")
     for name, sec in (("loader (one process's wait)", loader), ("encoders", encode), ("DiT step", step)):
-        print(f"  {name:28s} {sec * 1000:8.1f} ms/batch  {100 * sec / total:5.1f}%  ({size / sec:8.0f} samples/s alone)")
-    print(f"  all three in series: {size / total:.0f} samples/s (the loader's workers overlap it in training)")
+        print(f"  {name:28s} {sec * 1000:8.1f} ms/batch  {100 * sec / total:5.1f}%  "
+              f"({size / sec:8.0f} samples/s alone)")
+    print(f"  all three in series: {size / total:.0f} samples/s "
+          "(the loader's workers overlap it in training)")
     return 0
 
 

@@ -358,7 +358,8 @@ def test_gpu_budget_trains_from_the_clips_on_the_clock(tmp_path):
     assert (stage0.train.max_minutes, stage1.train.max_minutes) == (1.5, 4.5)
     assert stage1.train.batch_size == 64 and stage1.train.prompt_dropout == 0.1
     manifests = [m["path"] if isinstance(m, dict) else m for m in stage1.data.manifests]
-    assert manifests == ["data/train/video_edits.jsonl", "data/train/image_edits.jsonl"]  # every clip, no subset
+    # every clip, no first-N subset
+    assert manifests == ["data/train/video_edits.jsonl", "data/train/image_edits.jsonl"]
     assert load_vae_config(paths["vae"]).max_minutes == 3.5
     names = [s.name for s in shapes.stages_of(run)]
     assert names == ["data", "vae", "encoders", "stage0", "stage1", "export", "eval"]
@@ -369,8 +370,9 @@ def test_gpu_budget_trains_from_the_clips_on_the_clock(tmp_path):
 
 def test_default_guidance_follows_prompt_dropout(tmp_path, monkeypatch):
     for dropout, guidance in ((0.1, 2.0), (0.0, 1.0)):
-        budget = dataclasses.replace(shapes.BUDGETS["tiny"], name=f"tiny{dropout}",
-                                     stage1=(*shapes.BUDGETS["tiny"].stage1, f"train.prompt_dropout={dropout}"))
+        tiny = shapes.BUDGETS["tiny"]
+        budget = dataclasses.replace(tiny, name=f"tiny{dropout}",
+                                     stage1=(*tiny.stage1, f"train.prompt_dropout={dropout}"))
         monkeypatch.setitem(shapes.BUDGETS, budget.name, budget)
         run = shapes.start_run(tmp_path / str(dropout), budget.name, "full", echo=lambda s: None)
         shapes.write_configs(run)
@@ -381,7 +383,8 @@ def test_default_guidance_follows_prompt_dropout(tmp_path, monkeypatch):
 def test_an_uncached_budget_trains_both_stages_from_the_clips(tmp_path):
     from train.config import load_config
     run = shapes.start_run(tmp_path, "tiny_gpu", "full", echo=lambda s: None)
-    assert shapes.run_pipeline(run, until="export") == ["data", "vae", "encoders", "stage0", "stage1", "export"]
+    ran = shapes.run_pipeline(run, until="export")
+    assert ran == ["data", "vae", "encoders", "stage0", "stage1", "export"]
     assert not (tmp_path / "cache").exists()
     assert load_config(tmp_path / "shapes_stage1.yaml").data.cache_dir is None
     index = json.loads((tmp_path / "stage1" / "data_index.json").read_text())  # the raw path's index
@@ -413,7 +416,8 @@ def test_gpu_lease_script_carries_a_run_between_calls_without_its_clips(tmp_path
     assert "[stage0] running" in base and not any(line.startswith("[stage1]") for line in base)
     assert all(p.stat().st_size <= 15 * 2 ** 20 for p in (tmp_path / "p1").iterdir())
     second = step("stage1", tmp_path / "b", tmp_path / "p2", tmp_path / "p1")
-    assert "[data] running" in second and "[vae] done, skipped" in second and "[stage0] done, skipped" in second
+    assert "[data] running" in second and "[vae] done, skipped" in second
+    assert "[stage0] done, skipped" in second
     assert "[stage1] running" in second
     last = step("finish", tmp_path / "c", tmp_path / "p2")
     assert "[stage1] done, skipped" in last and "[export] running" in last and "[eval] running" in last
@@ -432,7 +436,8 @@ def test_data_digest_changes_with_any_manifest_line(tmp_path):
     first = shapes.data_digest(run)
     (tmp_path / "data" / "train" / "dataset.json").write_text('{"seed": 0, "seconds": 2.5}')  # timing only
     assert shapes.data_digest(run) == first
-    (tmp_path / "data" / "heldout" / "video_edits.jsonl").write_text('{"instruction": "make the red circle green"}\n')
+    changed = '{"instruction": "make the red circle green"}\n'
+    (tmp_path / "data" / "heldout" / "video_edits.jsonl").write_text(changed)
     assert shapes.data_digest(run) != first
 
 
