@@ -27,6 +27,7 @@ from train.vae_train import (
     decode_unclamped,
     fold_latent_normalisation,
     latent_statistics,
+    learning_rate,
     reconstruction_loss,
     train_vae,
     vae_config_from_dict,
@@ -152,6 +153,17 @@ def test_vae_config_errors_name_the_key_and_the_fix():
         vae_config_from_dict({})
     with pytest.raises(SamaInputError, match="max_minutes must be > 0"):
         vae_config_from_dict(base, ["max_minutes=0"])
+
+
+def test_vae_learning_rate_warms_up_holds_then_steps_down():
+    base = {"data": {"datasets": ["d"]}, "optim": {"lr": 3e-4, "warmup_steps": 4}}
+    cfg = vae_config_from_dict(base, ["optim.decay_from_step=10", "optim.final_lr=1e-4"])
+    assert [learning_rate(cfg, s) for s in (0, 3, 9, 10, 500)] == pytest.approx([7.5e-5, 3e-4, 3e-4, 1e-4, 1e-4])
+    assert learning_rate(vae_config_from_dict(base), 500) == pytest.approx(3e-4)  # no decay unless asked
+    with pytest.raises(SamaInputError, match="go together"):
+        vae_config_from_dict(base, ["optim.final_lr=1e-4"])
+    with pytest.raises(SamaInputError, match="optim.final_lr must be > 0"):
+        vae_config_from_dict(base, ["optim.decay_from_step=10", "optim.final_lr=0"])
 
 
 def _small_vae_cfg(train_set, out, steps):
@@ -360,7 +372,8 @@ def test_gpu_budget_trains_from_the_clips_on_the_clock(tmp_path):
     manifests = [m["path"] if isinstance(m, dict) else m for m in stage1.data.manifests]
     # every clip, no first-N subset
     assert manifests == ["data/train/video_edits.jsonl", "data/train/image_edits.jsonl"]
-    assert load_vae_config(paths["vae"]).max_minutes == 3.5
+    vae = load_vae_config(paths["vae"])
+    assert vae.max_minutes == 3.5 and (vae.optim.decay_from_step, vae.optim.final_lr) == (3200, 1e-4)
     names = [s.name for s in shapes.stages_of(run)]
     assert names == ["data", "vae", "encoders", "stage0", "stage1", "export", "eval"]
     assert dict((s.name, s.deps) for s in shapes.stages_of(run))["stage0"] == ("data", "vae", "encoders")

@@ -112,7 +112,8 @@ BUDGETS["gpu"] = Budget(
     # The VAE's phases are by step (single frames must come first: ~1000+ steps to leave the mean-colour
     # plateau), so its steps are sized to end inside the time limit at an estimated ~15 whole-clip steps/s.
     vae=("batch_size=16", "max_steps=4000", "max_minutes=3.5", "data.image_steps=1500", "data.image_batch_size=64",
-         "data.long_from_step=2000", "data.long_batch_size=16", "checkpoint.every=1000", "log.every=100"),
+         "data.long_from_step=2000", "data.long_batch_size=16", "optim.decay_from_step=3200", "checkpoint.every=1000",
+         "log.every=100"),
     stage0=(*_GPU_LOOP, "train.max_minutes=1.5", "optim.lr=5.0e-4"),
     stage1=(*_GPU_LOOP, "train.max_minutes=4.5"))
 # The GPU recipe's machinery (no caches; scripts/shapes_gpu_lease.sh) at the tiny budget's sizes.

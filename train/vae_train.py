@@ -128,6 +128,10 @@ class VAEOptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     max_grad_norm: Optional[float] = 1.0
+    # A step decay: from `decay_from_step` on, the learning rate is `final_lr` (both or neither). Measured on
+    # SAMA-Shapes (session 5): resuming at 1e-4 after 3e-4 lifted the whole-clip PSNR by ~1.5 dB.
+    decay_from_step: Optional[int] = None
+    final_lr: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -190,6 +194,12 @@ def validate_vae_config(cfg: VAETrainConfig) -> None:
     if not cfg.data.datasets:
         raise SamaInputError("data.datasets is empty: give SAMA-Shapes folders written by `python -m "
                              "train.synthetic` (each holds video_edits.jsonl)")
+    if (cfg.optim.decay_from_step is None) != (cfg.optim.final_lr is None):
+        raise SamaInputError("optim.decay_from_step and optim.final_lr go together: set both (e.g. "
+                             "optim.decay_from_step=5000 optim.final_lr=1e-4) or neither")
+    if cfg.optim.final_lr is not None and not (cfg.optim.final_lr > 0 and cfg.optim.decay_from_step >= 0):
+        raise SamaInputError(f"optim.final_lr must be > 0 and optim.decay_from_step >= 0, got "
+                             f"{cfg.optim.final_lr} and {cfg.optim.decay_from_step}")
     if cfg.max_minutes is not None and not cfg.max_minutes > 0:
         raise SamaInputError(f"max_minutes must be > 0 (or null for no time limit), got {cfg.max_minutes}")
     if cfg.mixed_precision not in ("no", "bf16"):
@@ -366,6 +376,9 @@ def phase(cfg: VAETrainConfig, step: int) -> tuple[int, int]:
 
 
 def learning_rate(cfg: VAETrainConfig, step: int) -> float:
+    """Linear warm-up to optim.lr, constant, then optim.final_lr from optim.decay_from_step on."""
+    if cfg.optim.decay_from_step is not None and step >= cfg.optim.decay_from_step:
+        return cfg.optim.final_lr
     warmup = cfg.optim.warmup_steps
     return cfg.optim.lr * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
 
