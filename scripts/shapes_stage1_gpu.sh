@@ -35,53 +35,15 @@ if [ ! -f "$RUN/data/train/dataset.json" ]; then
     --workers "$WORKERS" --overwrite
 fi
 
-# The settings of train/configs/shapes_stage1.yaml, with a GPU-sized batch and raw clips instead of a cache.
-cat > "$RUN/stage1_gpu.yaml" <<EOF
-output_dir: stage1
-seed: 0
-model:
-  init_from: init/sama_dit.safetensors
-  gradient_checkpointing: false
-encoders:
-  vae: vae/final/vae.safetensors
-  text_encoder: encoders/text_encoder.safetensors
-  siglip: encoders/siglip
-  dtype: fp32
-data:
-  manifests:
-  - path: data/train/video_edits.jsonl
-    repeat: 2
-  - data/train/image_edits.jsonl
-  cache_dir: null
-  buckets: [[64, 64]]
-  frame_buckets: [17]
-  num_workers: $(( WORKERS > 12 ? 12 : WORKERS ))
-  probe_workers: $WORKERS
-train:
-  batch_size: $BATCH
-  max_steps: 1000000
-  max_minutes: $MINUTES
-  mixed_precision: 'no'
-  edit_region_weight: 20.0
-  prompt_dropout: 0.1
-optim:
-  lr: $LR
-  warmup_steps: 200
-  weight_decay: 0.01
-ema:
-  decay: 0.999
-checkpoint:
-  every: 1000
-  keep: 2
-validation:
-  every: 0
-log:
-  every: 100
-  tensorboard: false
-  progress_bar: false
-export:
-  dtype: fp32
-EOF
+# The stage-1 template (train/configs/shapes_stage1.yaml: edit-region weighting, prompt dropout, ...) with a
+# GPU-sized batch, raw clips instead of a cache and the clock as the limit, resolved into RUN/stage1_gpu.yaml.
+cp "$ROOT/train/configs/shapes_stage1.yaml" "$RUN/stage1_gpu.yaml"
+"$PY" -c 'import sys; from train.config import load_config, save_config
+save_config(load_config(sys.argv[1], sys.argv[2:]), sys.argv[1])' "$RUN/stage1_gpu.yaml" \
+  model.init_from=init/sama_dit.safetensors data.cache_dir=null \
+  data.num_workers=$(( WORKERS > 12 ? 12 : WORKERS )) data.probe_workers="$WORKERS" \
+  train.batch_size="$BATCH" train.max_steps=1000000 train.max_minutes="$MINUTES" \
+  optim.lr="$LR" optim.warmup_steps=200 ema.decay=0.999 checkpoint.keep=2 validation.every=0 log.every=100
 
 [ "${PREPARE_ONLY:-0}" = 1 ] && { echo "== prepared $RUN/stage1_gpu.yaml"; exit 0; }
 
