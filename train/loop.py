@@ -358,7 +358,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, on_step: Optional[Call
     skipped_total = skipped_before
     model.train()
 
-    deadline = clock() + 60.0 * cfg.train.max_minutes if cfg.train.max_minutes else None
+    deadline = deadline_after(cfg.train.max_minutes)
     while step < cfg.train.max_steps:
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
@@ -403,6 +403,11 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, on_step: Optional[Call
 
 
 clock = time.monotonic  # the loop's wall clock (a test replaces it)
+
+
+def deadline_after(minutes: Optional[float]) -> Optional[float]:
+    """The clock reading at which a budget of `minutes` from now is spent (None: no budget)."""
+    return clock() + 60.0 * minutes if minutes else None
 
 
 def time_is_up(accelerator, deadline: Optional[float]) -> bool:

@@ -537,7 +537,7 @@ STAGES = (
     Stage("eval", ("export", "stage0"), ("eval/results.md", "bundle/README.md"), ("eval",), stage_eval),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
-_CACHE_STAGES = {"cache0": ("data", "vae", "encoders"), "cache1": ("data", "vae", "encoders")}
+_CACHE_STAGES = ("cache0", "cache1")
 
 
 def stages_of(run: Run) -> tuple:
@@ -545,13 +545,14 @@ def stages_of(run: Run) -> tuple:
     depended on a cache depends on what the cache depended on)."""
     if run.budget.cached:
         return STAGES
+    cache_deps = {s.name: s.deps for s in STAGES if s.name in _CACHE_STAGES}
     out = []
     for stage in STAGES:
-        if stage.name in _CACHE_STAGES:
+        if stage.name in cache_deps:
             continue
         deps = []
         for d in stage.deps:
-            for dep in _CACHE_STAGES.get(d, (d,)):
+            for dep in cache_deps.get(d, (d,)):
                 if dep not in deps:
                     deps.append(dep)
         out.append(dataclasses.replace(stage, deps=tuple(deps)))
@@ -588,7 +589,7 @@ def run_stage(run: Run, stage: Stage) -> None:
                 run.echo(f"[{stage.name}] a dependency changed: removing {path}")
                 shutil.rmtree(path)
     started.parent.mkdir(exist_ok=True)
-    before = _stamped_digest(done), _mtime(started), _mtime(done)
+    old_digest, old_started, old_done = _stamped_digest(done), _mtime(started), _mtime(done)
     done.unlink(missing_ok=True)
     started.touch()
     _touch_later_than(started, newest_dep)
@@ -600,10 +601,10 @@ def run_stage(run: Run, stage: Stage) -> None:
     digest = stage.digest(run) if stage.digest is not None else None
     done.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n") + (f"digest {digest}\n" if digest else ""))
     _touch_later_than(done, _mtime(started))
-    if digest is not None and digest == before[0]:
+    if digest is not None and digest == old_digest:
         # The same outputs as before: the stamps keep their times, so the later stages stay done.
         run.echo(f"[{stage.name}] the same {stage.name} as before (digest {digest[:12]}): later stages stay done")
-        for path, ns in ((started, before[1]), (done, before[2])):
+        for path, ns in ((started, old_started), (done, old_done)):
             if ns >= 0:
                 os.utime(path, ns=(ns, ns))
     run.record(stage.name, time.perf_counter() - t0)

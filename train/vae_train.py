@@ -538,7 +538,7 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
     rank = accelerator.process_index
     sums, count, samples, t0 = torch.zeros(4), 0, 0, time.perf_counter()
     bar = _progress_bar(cfg, accelerator, step)
-    deadline = loop.clock() + 60.0 * cfg.max_minutes if cfg.max_minutes else None
+    deadline = loop.deadline_after(cfg.max_minutes)
     while step < cfg.max_steps:
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
