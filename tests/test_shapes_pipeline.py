@@ -462,6 +462,23 @@ def test_demo_clip_is_a_clear_colour_edit_of_the_demo_split():
     assert edit.change["to"] in edit.instruction
 
 
+def test_demo_clip_is_rejected_when_the_edited_object_touches_another():
+    import dataclasses
+
+    from train.synthetic import render_scene
+    clip = shapes.pick_demo_clip()
+    edit = clip.edits[0].edit
+    scene = clip.scene
+    other = next(i for i in range(len(scene.objects)) if i != edit.object_index)
+    # move the other object onto the edited one's path, 1 radius beside it: the outlines overlap
+    centers = [[x + scene.objects[edit.object_index].radius, y] for x, y in scene.objects[edit.object_index].centers]
+    touching = dataclasses.replace(scene, objects=[
+        dataclasses.replace(o, centers=centers) if i == other else o for i, o in enumerate(scene.objects)])
+    coverage = render_scene(touching).coverage > 0
+    assert (coverage[edit.object_index] & coverage[other]).any()
+    assert not shapes.is_clear_demo(touching, edit)
+
+
 def _fake_finished_run(folder, variant, accuracy, stage0_accuracy, motion, curve, baselines=False):
     """A run folder with what `compare` reads: run.json, eval/metrics.json, curves, training losses."""
     def summary(acc, motion_error):
@@ -549,6 +566,30 @@ def test_tiny_budget_runs_every_stage_and_continues_after_a_stop(tiny_run):
                 "| VAE(target) ceiling |"):
         assert row in table
     assert "## Evaluation" in (out / "bundle" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_card_records_a_continued_models_lineage(tiny_run, tmp_path):
+    run, out = tiny_run["run"], tiny_run["out"]
+    lineage = out / shapes.LINEAGE_FILE
+    steps = [{"what": "stage 1 (older data)", "steps": 3, "batch": 2, "data": "radius 5-9", "hardware": "CPU",
+              "minutes": 0.1},
+             {"what": "stage 1 continued", "steps": 5, "batch": 2, "data": "radius 8-12", "hardware": "CPU"}]
+    try:
+        lineage.write_text(json.dumps(steps))
+        folder = shapes.export_bundle(run, tmp_path / "bundle")
+        shapes.write_card(run, folder)
+        card = json.loads((folder / "bundle.json").read_text())["card"]
+        assert card["lineage"] == steps
+        readme = (folder / "README.md").read_text()
+        assert "## Lineage" in readme and "| stage 1 continued | 5 | 2 | radius 8-12 | CPU |  |" in readme
+        assert "Guidance 2.0 (stage 1 trained with prompt dropout)" in readme
+        lineage.write_text('{"what": "not a list"}')
+        with pytest.raises(SamaInputError, match="JSON list of objects"):
+            shapes.export_bundle(run, tmp_path / "bundle2")
+    finally:
+        lineage.unlink(missing_ok=True)
+    assert "lineage" not in json.loads((out / "bundle" / "bundle.json").read_text())["card"]
 
 
 @pytest.mark.slow

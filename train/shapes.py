@@ -55,6 +55,7 @@ RUN_FILE = "run.json"
 STAMPS = "stamps"
 MAX_BUNDLE_BYTES = 20 * 1024 * 1024
 STAGE0_ROW = "stage 0 only (zero-shot)"
+LINEAGE_FILE = "lineage.json"
 
 
 # ---------------------------------------------------------------------------------------------- budgets
@@ -310,12 +311,14 @@ def stage_data(run: Run) -> None:
 
 
 def is_clear_demo(scene, edit) -> bool:
-    """A colour edit that is easy to see: 2-3 objects, the edited one large (radius >= 7 px), never touching
-    another object, neither its old nor its new colour used by another object, the two colours far apart
-    (RGB distance >= 0.6), on a background without fine texture (plain, or a period >= 10 px)."""
+    """A colour edit that is easy to see: 2-3 objects, the edited one large (radius >= 7 px) and never within
+    1 px of another object (rendered outlines), neither its old nor its new colour used by another object,
+    the two colours far apart (RGB distance >= 0.6), on a background without fine texture (plain, or a
+    period >= 10 px)."""
     import numpy as np
+    import torch
 
-    from .synthetic import MAX_EXTENT, OBJECT_COLORS
+    from .synthetic import OBJECT_COLORS, render_scene
     objects = scene.objects
     edited = objects[edit.object_index]
     others = [o for i, o in enumerate(objects) if i != edit.object_index]
@@ -329,11 +332,10 @@ def is_clear_demo(scene, edit) -> bool:
         return False
     if any(o.color in (edit.change["from"], edit.change["to"]) for o in others):
         return False
-    for other in others:
-        gap = np.linalg.norm(np.array(edited.centers) - np.array(other.centers), axis=1)
-        if gap.min() < MAX_EXTENT * (edited.radius + other.radius) + 2:
-            return False
-    return True
+    coverage = render_scene(scene, supersample=1).coverage > 0  # (N, F, H, W), rendered last: the slow test
+    near = torch.nn.functional.max_pool2d(coverage[edit.object_index].float()[:, None], 3, 1, 1)[:, 0] > 0
+    others_mask = coverage[[i for i in range(len(objects)) if i != edit.object_index]].any(0)
+    return not bool((near & others_mask).any())
 
 
 def pick_demo_clip(max_tries: int = 2000):
@@ -739,7 +741,18 @@ def base_card(run: Run, demo: dict) -> dict:
                      "cpu_count": os.cpu_count(), "torch": torch.__version__,
                      "device": "cuda" if torch.cuda.is_available() else "cpu"},
         "seconds": {k: v["seconds"] for k, v in state.get("stages", {}).items()},
+        # A model continued from earlier runs (e.g. on a GPU lease, or from a model trained on older data)
+        # says so: RUN/lineage.json, a list of {"what", "steps", "batch", "data", "hardware", "minutes"}.
+        **({"lineage": _read_json_list(run.path(LINEAGE_FILE))} if run.path(LINEAGE_FILE).exists() else {}),
     }
+
+
+def _read_json_list(path: Path) -> list:
+    value = json.loads(path.read_text())
+    if not isinstance(value, list) or not all(isinstance(step, dict) for step in value):
+        raise SamaInputError(f"{path} must hold a JSON list of objects (one per training step of the model's "
+                             "history), e.g. [{\"what\": \"stage 1\", \"steps\": 1000}].")
+    return value
 
 
 def write_card(run: Run, folder: Path, extra_seconds: Optional[dict] = None) -> None:
@@ -775,6 +788,13 @@ def write_card(run: Run, folder: Path, extra_seconds: Optional[dict] = None) -> 
     text += block("Data", card.get("data", {}))
     text += block("Components", card.get("components", {}))
     text += block("Training", card.get("training", {}))
+    if card.get("lineage"):
+        text += ["## Lineage", "", "The DiT was continued from earlier runs; every step of its history, oldest first:",
+                 "", "| what | steps | batch | data | hardware | minutes |", "|---|---|---|---|---|---|"]
+        text += [f"| {step.get('what', '')} | {step.get('steps', '')} | {step.get('batch', '')} | "
+                 f"{step.get('data', '')} | {step.get('hardware', '')} | {step.get('minutes', '')} |"
+                 for step in card["lineage"]]
+        text += [""]
     text += [(f"Hardware: {json.dumps(card.get('hardware', {}))}. Wall time per stage (s): "
               f"{json.dumps(card['seconds'])}, {total / 3600:.2f} h in total."), ""]
     text += ["## Evaluation (held-out clips, train/eval.py)", "",
@@ -782,7 +802,9 @@ def write_card(run: Run, folder: Path, extra_seconds: Optional[dict] = None) -> 
     text += ["## Limits", "",
              ("Toy data only: 64x64 clips of four shapes in eight colours on eight backgrounds. The text encoder "
               "and SigLIP are random and frozen; the VAE is tiny, so outputs are blurrier than the inputs. "
-              "Guidance is 1.0 (no prompt dropout in training).")]
+              + (f"Guidance {spec['defaults']['guidance']} (stage 1 trained with prompt dropout)."
+                 if spec.get("defaults", {}).get("guidance", 1.0) > 1.0
+                 else "Guidance is 1.0 (no prompt dropout in training)."))]
     (folder / "README.md").write_text("\n".join(text) + "\n")
 
 

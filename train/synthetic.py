@@ -123,15 +123,19 @@ class SynthConfig:
     num_frames: int = 17  # 4k+1, the causal VAE's valid lengths
     min_objects: int = 1
     max_objects: int = 3
-    min_radius: float = 5.0
-    max_radius: float = 9.0
-    min_path: float = 14.0  # length of an object's path over the clip
+    # Objects span about 2x2 DiT tokens (16x16 px each: 8x VAE, 2x2 patches) and backgrounds are coarse, so
+    # the tiny VAE keeps both (session 6; until then radius 5-9, period 8-16: objects under one token).
+    min_radius: float = 8.0
+    max_radius: float = 12.0
+    min_path: float = 12.0  # length of an object's path over the clip
     max_path: float = 40.0
     curved_prob: float = 0.5
     speed_change_prob: float = 0.4
     spin_prob: float = 0.3
     occlusion_prob: float = 0.4  # chance that an object's path crosses an earlier (deeper) object's
     textured_prob: float = 0.7
+    min_period: float = 20.0  # stripes/checker period (noise: wavelength scale), pixels
+    max_period: float = 32.0
     pan_prob: float = 0.5  # chance of a camera pan, for textured backgrounds (a plain one shows no pan)
     min_pan: float = 0.4  # pixels per frame
     max_pan: float = 1.2
@@ -176,6 +180,8 @@ class SynthConfig:
                 f"Objects of radius {self.max_radius} with paths of {self.min_path} px do not fit a "
                 f"{self.width}x{self.height} frame; lower max_radius or min_path."
             )
+        if not 0 < self.min_period <= self.max_period:
+            raise SamaInputError("SynthConfig background periods must be positive with min_period <= max_period.")
         if not 0 <= self.min_pan <= self.max_pan:
             raise SamaInputError("SynthConfig needs 0 <= min_pan <= max_pan (pixels per frame).")
         if self.supersample < 1:
@@ -492,7 +498,7 @@ def _sample_background(rng: np.random.Generator, config: SynthConfig, style: str
     luminance = {n: float(np.dot(BACKGROUND_COLORS[n], (0.299, 0.587, 0.114))) for n in names}
     pairs = [(a, b) for a in names for b in names if abs(luminance[a] - luminance[b]) >= 0.2]
     first, second = pairs[rng.integers(len(pairs))]
-    period = _round(rng.uniform(8.0, 16.0) * config.scale)
+    period = _round(rng.uniform(config.min_period, config.max_period) * config.scale)
     waves = []
     if style == "noise":
         for _ in range(5):
