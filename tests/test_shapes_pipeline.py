@@ -471,7 +471,8 @@ def test_demo_clip_is_rejected_when_the_edited_object_touches_another():
     scene = clip.scene
     other = next(i for i in range(len(scene.objects)) if i != edit.object_index)
     # move the other object onto the edited one's path, 1 radius beside it: the outlines overlap
-    centers = [[x + scene.objects[edit.object_index].radius, y] for x, y in scene.objects[edit.object_index].centers]
+    edited = scene.objects[edit.object_index]
+    centers = [[x + edited.radius, y] for x, y in edited.centers]
     touching = dataclasses.replace(scene, objects=[
         dataclasses.replace(o, centers=centers) if i == other else o for i, o in enumerate(scene.objects)])
     coverage = render_scene(touching).coverage > 0

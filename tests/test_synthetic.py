@@ -84,13 +84,15 @@ def test_bad_config_is_a_clear_error(kwargs, words):
 
 def test_sizes_follow_the_config():
     rng = np.random.default_rng(3)
-    config = syn.SynthConfig(min_radius=6.0, max_radius=7.0, min_period=24.0, max_period=24.0, textured_prob=1.0)
+    config = syn.SynthConfig(min_radius=6.0, max_radius=7.0, min_period=24.0, max_period=24.0,
+                             textured_prob=1.0)
     scenes = [syn.sample_scene(rng, config) for _ in range(20)]
     assert all(6.0 <= o.radius <= 7.0 for s in scenes for o in s.objects)
     assert {s.background.period for s in scenes} == {24.0}
     # the defaults: objects of about 2x2 DiT tokens (16 px each), coarse backgrounds
     default = syn.SynthConfig()
-    assert (default.min_radius, default.max_radius, default.min_period, default.max_period) == (8.0, 12.0, 20.0, 32.0)
+    sizes = (default.min_radius, default.max_radius, default.min_period, default.max_period)
+    assert sizes == (8.0, 12.0, 20.0, 32.0)
 
 
 def test_bad_split_and_seed_are_clear_errors(tmp_path):

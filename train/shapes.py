@@ -789,8 +789,9 @@ def write_card(run: Run, folder: Path, extra_seconds: Optional[dict] = None) -> 
     text += block("Components", card.get("components", {}))
     text += block("Training", card.get("training", {}))
     if card.get("lineage"):
-        text += ["## Lineage", "", "The DiT was continued from earlier runs; every step of its history, oldest first:",
-                 "", "| what | steps | batch | data | hardware | minutes |", "|---|---|---|---|---|---|"]
+        text += ["## Lineage", "",
+                 "The DiT was continued from earlier runs; every step of its history, oldest first:", "",
+                 "| what | steps | batch | data | hardware | minutes |", "|---|---|---|---|---|---|"]
         text += [f"| {step.get('what', '')} | {step.get('steps', '')} | {step.get('batch', '')} | "
                  f"{step.get('data', '')} | {step.get('hardware', '')} | {step.get('minutes', '')} |"
                  for step in card["lineage"]]

@@ -181,7 +181,8 @@ class SynthConfig:
                 f"{self.width}x{self.height} frame; lower max_radius or min_path."
             )
         if not 0 < self.min_period <= self.max_period:
-            raise SamaInputError("SynthConfig background periods must be positive with min_period <= max_period.")
+            raise SamaInputError("SynthConfig background periods must be positive with "
+                                 "min_period <= max_period.")
         if not 0 <= self.min_pan <= self.max_pan:
             raise SamaInputError("SynthConfig needs 0 <= min_pan <= max_pan (pixels per frame).")
         if self.supersample < 1:
