@@ -70,10 +70,11 @@ def test_numbers_equal_an_independent_computation(cache):
                               semantic_tokens=sem).video
     mask = ((x0 - src).abs().mean(1) > 0.25)              # (B, T, h, w)
 
-    def region(a):
-        return (a ** 2).mean(1)[mask].mean().item()
+    def region(a, where=mask):
+        return (a ** 2).mean(1)[where].mean().item()
     expected = {"error": region(own - x0), "error_wrong_prompt": region(wrong - x0),
-                "copy_error": region(src - x0), "text_effect": region(own - wrong)}
+                "copy_error": region(src - x0), "text_effect": region(own - wrong),
+                "error_outside": region(own - x0, ~mask), "copy_error_outside": region(src - x0, ~mask)}
     for key, value in expected.items():
         assert rows[0][key] == pytest.approx(value, rel=1e-5, abs=1e-8), key  # text_effect: a difference of ~1e-4
     assert rows[0]["text_effect"] > 0

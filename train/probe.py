@@ -8,7 +8,9 @@ On the first `limit` small edits of a feature cache (the share of changed latent
 `threshold`), the target is noised to each sigma and one model call gives x0 = x_sigma - sigma * v. Inside
 the changed region it reports the mean squared error of that x0 with each sample's own prompt
 (`error`), with the prompts rotated by one sample (`error_wrong_prompt`), of copying the source
-(`copy_error`), and the mean squared difference between the two predictions (`text_effect`). A model
+(`copy_error`), and the mean squared difference between the two predictions (`text_effect`); outside the
+changed region, the error with the own prompt (`error_outside`: how well the model keeps what the edit
+leaves alone; copying the source there costs only the sub-threshold changes, `copy_error_outside`). A model
 that ignores the text has a text effect of 0 and equal errors; one that edits has an error below the
 copy's. The eval (train/eval.py) judges whole sampled edits; this isolates the text pathway in one call,
 which is how session 4 found that the SAMA-Shapes DiT ignored the instruction (docs/sama_shapes.md).
@@ -112,7 +114,9 @@ def probe(model, samples: ProbeSamples, sigmas=(0.9, 0.5), seed: int = 0) -> lis
                     "error": _in_region((with_own - x0) ** 2, changed),
                     "error_wrong_prompt": _in_region((with_wrong - x0) ** 2, changed),
                     "copy_error": _in_region((src - x0) ** 2, changed),
-                    "text_effect": _in_region((with_own - with_wrong) ** 2, changed)})
+                    "text_effect": _in_region((with_own - with_wrong) ** 2, changed),
+                    "error_outside": _in_region((with_own - x0) ** 2, 1 - changed),
+                    "copy_error_outside": _in_region((src - x0) ** 2, 1 - changed)})
     return out
 
 
@@ -125,9 +129,10 @@ def load_probe_model(dit, checkpoint=None):
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| sigma | error | error, wrong prompt | copy error | text effect |", "|---|---|---|---|---|"]
+    lines = ["| sigma | error | error, wrong prompt | copy error | text effect | error outside | copy error outside |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['sigma']:.2f} | {r['error']:.4f} | {r['error_wrong_prompt']:.4f} | {r['copy_error']:.4f} | "
-              f"{r['text_effect']:.4f} |" for r in rows]
+              f"{r['text_effect']:.4f} | {r['error_outside']:.4f} | {r['copy_error_outside']:.4f} |" for r in rows]
     return "\n".join(lines)
 
 
