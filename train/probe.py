@@ -129,10 +129,9 @@ def load_probe_model(dit, checkpoint=None):
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| sigma | error | error, wrong prompt | copy error | text effect | error outside | copy error outside |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['sigma']:.2f} | {r['error']:.4f} | {r['error_wrong_prompt']:.4f} | {r['copy_error']:.4f} | "
-              f"{r['text_effect']:.4f} | {r['error_outside']:.4f} | {r['copy_error_outside']:.4f} |" for r in rows]
+    columns = ("error", "error_wrong_prompt", "copy_error", "text_effect", "error_outside", "copy_error_outside")
+    lines = ["| sigma | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += ["| " + " | ".join([f"{r['sigma']:.2f}"] + [f"{r[c]:.4f}" for c in columns]) + " |" for r in rows]
     return "\n".join(lines)
 
 
