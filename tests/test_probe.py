@@ -9,7 +9,7 @@ import torch
 from tiny_models import TINY, tiny_dit
 from sama_core.loading import save_dit
 from train.cache import write_feature_cache
-from train.probe import main, probe, small_edits
+from train.probe import attention_masses, attention_probe, main, probe, small_edits
 
 FRAMES, SIZE = 3, 4   # 48 latent positions per sample
 
@@ -115,3 +115,41 @@ def test_cli_with_a_checkpoint_and_its_errors(tmp_path, cache, capsys):
     assert "--sigmas must be" in capsys.readouterr().err
     assert main(["--dit", str(dit), "--cache", str(cache), "--min-changed", "0.5"]) == 2
     assert "the probe needs at least 2" in capsys.readouterr().err
+
+
+def test_attention_masses_against_a_direct_loop_and_a_constructed_copy():
+    g = torch.Generator().manual_seed(0)
+    n, m, heads, hd = 4, 3, 2, 8
+    q, k = torch.randn(2, 2 * n + m, heads, hd, generator=g), torch.randn(2, 2 * n + m, heads, hd, generator=g)
+    got = attention_masses(q, k, n, m)
+    same, source, semantic = [], [], []
+    for b in range(2):
+        for h in range(heads):
+            for i in range(n):
+                query = n + m + i
+                w = torch.softmax(torch.stack([q[b, query, h] @ k[b, j, h] for j in range(2 * n + m)]) / hd ** 0.5, 0)
+                same.append(w[i]), source.append(w[:n].sum()), semantic.append(w[n:n + m].sum())
+    for key, values in (("same_position", same), ("source", source), ("semantic", semantic)):
+        assert got[key] == pytest.approx(torch.stack(values).mean().item(), rel=1e-5), key
+    # a target query equal to its own position's source key (large): all of its attention goes there
+    keys = torch.zeros(1, 2 * n + m, 1, hd)
+    keys[0, :n, 0, :n] = 20 * torch.eye(n)
+    queries = torch.zeros_like(keys)
+    queries[0, n + m:, 0, :n] = 20 * torch.eye(n)
+    copy = attention_masses(queries, keys, n, m)
+    assert copy["same_position"] > 0.99 and copy["source"] > 0.99 and copy["semantic"] < 0.01
+
+
+def test_attention_probe_leaves_the_model_as_it_was_and_reports_every_block(cache, tmp_path, capsys):
+    samples = small_edits(cache, limit=5, min_changed=0.01, max_changed=0.1)
+    model = tiny_dit(seed=4)
+    before = probe(model, samples, sigmas=(0.9,))
+    rows = attention_probe(model, samples, sigma=1.0)
+    assert [r["block"] for r in rows] == list(range(len(model.blocks)))
+    for r in rows:
+        assert 0 < r["same_position"] < r["source"] < 1 and 0 < r["semantic"] < 1 - r["source"] + 1e-6
+    assert probe(model, samples, sigmas=(0.9,)) == before  # the attention functions were put back
+    dit = tmp_path / "dit.safetensors"
+    save_dit(model, dit)
+    assert main(["--dit", str(dit), "--cache", str(cache), "--min-changed", "0.01", "--attention"]) == 0
+    assert "| block | own position in the source |" in capsys.readouterr().out

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -120,6 +121,51 @@ def probe(model, samples: ProbeSamples, sigmas=(0.9, 0.5), seed: int = 0) -> lis
     return out
 
 
+def attention_masses(q: torch.Tensor, k: torch.Tensor, num_source: int, num_semantic: int) -> dict:
+    """Where the target tokens' self-attention goes, for one block. q, k (B, L, heads, hd) after RoPE, in
+    SAMA's order [source][semantic][target] with as many target as source tokens. Returns the mean mass
+    (over samples, heads and target queries) on the source token at the query's own position
+    (`same_position`: what copying the source needs, since SAMA gives both the same RoPE positions), on all
+    source tokens (`source`) and on the semantic tokens (`semantic`)."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / q.shape[-1] ** 0.5
+    weights = scores.softmax(-1)[:, :, -num_source:]  # (B, heads, target queries, L)
+    to_source = weights[..., :num_source]
+    return {"same_position": float(torch.diagonal(to_source, dim1=-2, dim2=-1).mean()),
+            "source": float(to_source.sum(-1).mean()),
+            "semantic": float(weights[..., num_source:num_source + num_semantic].sum(-1).mean())}
+
+
+@torch.no_grad()
+def attention_probe(model, samples: ProbeSamples, sigma: float = 1.0, seed: int = 0) -> list[dict]:
+    """attention_masses of every block's self-attention in one model call at `sigma` (own prompts). The
+    model's output is unchanged: each block's attention function is wrapped, not replaced."""
+    model = model.eval()
+    num_source = samples.source[0, 0].numel() // math.prod(model.config.patch_size)
+    num_semantic = 0 if samples.semantic is None else samples.semantic.shape[1]
+    rows, originals = [], [block.self_attn.attention for block in model.blocks]
+
+    def recording(index, attend):
+        def run(q, k, v):
+            rows.append({"block": index, **attention_masses(q, k, num_source, num_semantic)})
+            return attend(q, k, v)
+        return run
+    generator = torch.Generator().manual_seed(seed)
+    sigma_t = torch.tensor(float(sigma))
+    x = add_noise(samples.target, torch.randn(samples.target.shape, generator=generator), sigma_t)
+    sem = None
+    if samples.semantic is not None:
+        sem = add_noise(samples.semantic, torch.randn(samples.semantic.shape, generator=generator), sigma_t)
+    try:
+        for index, block in enumerate(model.blocks):
+            block.self_attn.attention = recording(index, originals[index])
+        model(x, timesteps_of(sigma_t).expand(x.shape[0]), pad_rows(samples.rows), source=samples.source,
+              semantic_tokens=sem)
+    finally:
+        for block, attend in zip(model.blocks, originals):
+            block.self_attn.attention = attend
+    return rows
+
+
 def load_probe_model(dit, checkpoint=None):
     """The DiT of `dit`, with the EMA weights of a train/ checkpoint folder when given."""
     if checkpoint is not None:
@@ -145,6 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--min-changed", type=float, default=0.003)
     parser.add_argument("--max-changed", type=float, default=0.06)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attention", action="store_true",
+                        help="also: where the target tokens' self-attention goes, per block, at the first sigma")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
     try:
@@ -157,15 +205,23 @@ def main(argv=None) -> int:
         if not sigmas or any(not 0 < s <= 1 for s in sigmas):
             raise SamaInputError(f"--sigmas must be a comma list of numbers in (0, 1], got {args.sigmas!r}")
         samples = small_edits(args.cache, args.limit, args.min_changed, args.max_changed)
-        rows = probe(load_probe_model(args.dit, args.checkpoint), samples, sigmas, args.seed)
+        model = load_probe_model(args.dit, args.checkpoint)
+        rows = probe(model, samples, sigmas, args.seed)
+        attention = attention_probe(model, samples, sigmas[0], args.seed) if args.attention else None
     except SamaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{len(samples.ids)} small edits of {args.cache} "
           f"({samples.changed.mean().item():.1%} of their latent positions changed)")
     print(format_table(rows))
+    if attention:
+        print(f"\nself-attention of the target tokens at sigma {sigmas[0]} (mean mass per query)\n")
+        print("| block | own position in the source | all source | semantic |\n|---|---|---|---|")
+        print("\n".join(f"| {r['block']} | {r['same_position']:.3f} | {r['source']:.3f} | {r['semantic']:.3f} |"
+                        for r in attention))
     if args.json:
-        Path(args.json).write_text(json.dumps({"ids": samples.ids, "rows": rows}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"ids": samples.ids, "rows": rows, "attention": attention},
+                                              indent=1) + "\n")
     return 0
 
 
