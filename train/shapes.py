@@ -332,7 +332,7 @@ def is_clear_demo(scene, edit) -> bool:
         return False
     if any(o.color in (edit.change["from"], edit.change["to"]) for o in others):
         return False
-    coverage = render_scene(scene, supersample=1).coverage > 0  # (N, F, H, W), rendered last: the slow test
+    coverage = render_scene(scene, supersample=1).coverage > 0  # (N, F, H, W); last: the costliest check
     near = torch.nn.functional.max_pool2d(coverage[edit.object_index].float()[:, None], 3, 1, 1)[:, 0] > 0
     others_mask = coverage[[i for i in range(len(objects)) if i != edit.object_index]].any(0)
     return not bool((near & others_mask).any())
@@ -750,7 +750,7 @@ def base_card(run: Run, demo: dict) -> dict:
 def _read_json_list(path: Path) -> list:
     value = json.loads(path.read_text())
     if not isinstance(value, list) or not all(isinstance(step, dict) for step in value):
-        raise SamaInputError(f"{path} must hold a JSON list of objects (one per training step of the model's "
+        raise SamaInputError(f"{path} must hold a JSON list of objects (one per stage of the model's "
                              "history), e.g. [{\"what\": \"stage 1\", \"steps\": 1000}].")
     return value
 
