@@ -91,6 +91,17 @@ def _in_region(squared: torch.Tensor, changed: torch.Tensor) -> float:
     return float((squared.mean(1, keepdim=True) * changed).sum() / changed.sum())
 
 
+def noised_inputs(samples: ProbeSamples, sigma: float, generator: torch.Generator):
+    """(x_sigma, semantic tokens at sigma or None, timesteps (B,)): the target and the anchor tokens noised
+    to `sigma`, the video noise drawn from `generator` before the semantic noise."""
+    sigma_t = torch.tensor(float(sigma))
+    x = add_noise(samples.target, torch.randn(samples.target.shape, generator=generator), sigma_t)
+    sem = None
+    if samples.semantic is not None:
+        sem = add_noise(samples.semantic, torch.randn(samples.semantic.shape, generator=generator), sigma_t)
+    return x, sem, timesteps_of(sigma_t).expand(x.shape[0])
+
+
 @torch.no_grad()
 def probe(model, samples: ProbeSamples, sigmas=(0.9, 0.5), seed: int = 0) -> list[dict]:
     """One row per sigma (see the module docstring); the noise comes from `seed`, in the order video noise,
@@ -102,14 +113,8 @@ def probe(model, samples: ProbeSamples, sigmas=(0.9, 0.5), seed: int = 0) -> lis
     generator = torch.Generator().manual_seed(seed)
     out = []
     for sigma in sigmas:
-        sigma_t = torch.tensor(float(sigma))
-        noise = torch.randn(x0.shape, generator=generator)
-        x = add_noise(x0, noise, sigma_t)
-        sem = None
-        if samples.semantic is not None:
-            sem = add_noise(samples.semantic, torch.randn(samples.semantic.shape, generator=generator), sigma_t)
-        timestep = timesteps_of(sigma_t).expand(x0.shape[0])
-        with_own, with_wrong = (x - sigma_t * model(x, timestep, context, source=src, semantic_tokens=sem).video
+        x, sem, timestep = noised_inputs(samples, sigma, generator)
+        with_own, with_wrong = (x - sigma * model(x, timestep, context, source=src, semantic_tokens=sem).video
                                 for context in (own, wrong))
         out.append({"sigma": float(sigma),
                     "error": _in_region((with_own - x0) ** 2, changed),
@@ -149,17 +154,11 @@ def attention_probe(model, samples: ProbeSamples, sigma: float = 1.0, seed: int 
             rows.append({"block": index, **attention_masses(q, k, num_source, num_semantic)})
             return attend(q, k, v)
         return run
-    generator = torch.Generator().manual_seed(seed)
-    sigma_t = torch.tensor(float(sigma))
-    x = add_noise(samples.target, torch.randn(samples.target.shape, generator=generator), sigma_t)
-    sem = None
-    if samples.semantic is not None:
-        sem = add_noise(samples.semantic, torch.randn(samples.semantic.shape, generator=generator), sigma_t)
+    x, sem, timestep = noised_inputs(samples, sigma, torch.Generator().manual_seed(seed))
     try:
         for index, block in enumerate(model.blocks):
             block.self_attn.attention = recording(index, originals[index])
-        model(x, timesteps_of(sigma_t).expand(x.shape[0]), pad_rows(samples.rows), source=samples.source,
-              semantic_tokens=sem)
+        model(x, timestep, pad_rows(samples.rows), source=samples.source, semantic_tokens=sem)
     finally:
         for block, attend in zip(model.blocks, originals):
             block.self_attn.attention = attend
