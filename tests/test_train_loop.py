@@ -227,6 +227,23 @@ def test_training_run_logs_checkpoints_and_exports(tmp_path):
     assert not torch.equal(raw["head.head.weight"], ema["head.head.weight"])
 
 
+def test_a_resumed_run_can_add_a_learning_rate_step(tmp_path):
+    """optim.decay_from_step/final_lr on resume: the steps before the decay keep optim.lr, the later ones
+    train (and log) at final_lr; the pair is refused when only one half is given."""
+    cfg = loop_config(tmp_path, train={"max_steps": 2})
+    write_cache(cfg)
+    train(cfg)
+    reset_accelerate()
+    longer = loop_config(tmp_path, train={"max_steps": 5}, optim={"decay_from_step": 3, "final_lr": 2e-4})
+    result = train(longer, resume="latest")
+    # the logged step s ran the update with learning_rate(s - 1): step 3 is the last at optim.lr
+    assert [(r["step"], r["lr"]) for r in result.history] == pytest.approx([(3, 1e-3), (4, 2e-4), (5, 2e-4)])
+    with pytest.raises(SamaInputError, match="go together"):
+        loop_config(tmp_path, optim={"final_lr": 2e-4})
+    with pytest.raises(SamaInputError, match="final_lr must be > 0"):
+        loop_config(tmp_path, optim={"decay_from_step": 3, "final_lr": 0.0})
+
+
 def test_prompt_dropout_one_trains_on_the_negative_prompt(tmp_path):
     """train.prompt_dropout = 1 replaces every prompt by the cached negative prompt's rows: the losses equal a
     run without dropout on a cache whose prompts all are those rows (an independent construction)."""

@@ -118,6 +118,10 @@ class OptimConfig:
     weight_decay: float = 0.01
     eps: float = 1e-8
     warmup_steps: int = 0
+    # A step decay: from `decay_from_step` on, the learning rate is `final_lr` (both or neither), as in the
+    # VAE trainer. Resuming with it set is how a run that plateaued at optim.lr is finished.
+    decay_from_step: Optional[int] = None
+    final_lr: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -372,6 +376,12 @@ def validate(cfg: TrainConfig) -> None:
     for name, value in positive.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise SamaInputError(f"{name} must be a positive integer, got {value!r}")
+    if (cfg.optim.decay_from_step is None) != (cfg.optim.final_lr is None):
+        raise SamaInputError("optim.decay_from_step and optim.final_lr go together: set both (e.g. "
+                             "optim.decay_from_step=10000 optim.final_lr=1e-4) or neither")
+    if cfg.optim.final_lr is not None and not (cfg.optim.final_lr > 0 and cfg.optim.decay_from_step >= 0):
+        raise SamaInputError(f"optim.final_lr must be > 0 and optim.decay_from_step >= 0, got "
+                             f"{cfg.optim.final_lr} and {cfg.optim.decay_from_step}")
     if cfg.sigma.shift <= 0:
         raise SamaInputError(f"sigma.shift must be positive, got {cfg.sigma.shift} (1.0 = no shift)")
     if not 0.0 <= cfg.ema.decay < 1.0:

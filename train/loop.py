@@ -154,7 +154,10 @@ def run_fingerprint(cfg: TrainConfig) -> str:
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up to optim.lr, then constant: a pure function of the step (nothing to checkpoint)."""
+    """Linear warm-up to optim.lr, constant, then optim.final_lr from optim.decay_from_step on: a pure
+    function of the step (nothing to checkpoint, so a resumed run can add the decay)."""
+    if cfg.optim.decay_from_step is not None and step >= cfg.optim.decay_from_step:
+        return cfg.optim.final_lr
     warmup = cfg.optim.warmup_steps
     return cfg.optim.lr * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
 
