@@ -460,6 +460,17 @@ def test_demo_clip_is_a_clear_colour_edit_of_the_demo_split():
     assert clip.split == "demo" and edit.kind == "color"
     assert shapes.is_clear_demo(clip.scene, edit)
     assert edit.change["to"] in edit.instruction
+    assert clip.scene.background.style == "plain"
+
+
+def test_demo_clip_is_rejected_on_a_textured_background():
+    import dataclasses
+    clip = shapes.pick_demo_clip()
+    edit = clip.edits[0].edit
+    for style in ("stripes", "checker", "noise"):
+        textured = dataclasses.replace(clip.scene, background=dataclasses.replace(clip.scene.background, style=style,
+                                                                                    period=30.0))
+        assert not shapes.is_clear_demo(textured, edit), style
 
 
 def test_demo_clip_is_rejected_when_the_edited_object_touches_another():

@@ -313,8 +313,10 @@ def stage_data(run: Run) -> None:
 def is_clear_demo(scene, edit) -> bool:
     """A colour edit that is easy to see: 2-3 objects, the edited one large (radius >= 7 px) and never within
     1 px of another object (rendered outlines), neither its old nor its new colour used by another object,
-    the two colours far apart (RGB distance >= 0.6), on a background without fine texture (plain, or a
-    period >= 10 px)."""
+    the two colours far apart (RGB distance >= 0.6), on a plain background. Why plain: textures are the
+    VAE's weakest case (session 6, 100 held-out edits: background PSNR of VAE(target) 18 dB on checkerboards,
+    23 dB on plain) and the model's (accuracy 15% on checkerboards, 48% on plain), and a blurred texture hides
+    the edit the demo is there to show."""
     import numpy as np
     import torch
 
@@ -324,8 +326,7 @@ def is_clear_demo(scene, edit) -> bool:
     others = [o for i, o in enumerate(objects) if i != edit.object_index]
     if not 2 <= len(objects) <= 3 or edited.radius < 7:
         return False
-    background = scene.background
-    if background.style != "plain" and (background.style == "noise" or background.period < 10):
+    if scene.background.style != "plain":
         return False
     old, new = (np.array(OBJECT_COLORS[edit.change[k]]) for k in ("from", "to"))
     if np.linalg.norm(old - new) < 0.6:
