@@ -475,8 +475,10 @@ def test_sama_shapes_workflow_makes_the_demo_edit_like_the_pipeline(comfy_server
     target, _ = read_video(SHAPES_BUNDLE / "sample_target.mp4")
     # The same model as the headless pipeline: equal up to ComfyUI's video decode/encode and VAE wrapper.
     pipe = SamaPipeline.from_bundle(SHAPES_BUNDLE, device="cpu", dtype="fp32")
-    # more than halfway to the requested colour, as the bundle's VAE draws it (tests/edit_judge.py)
-    assert judge(output, source, target, vae_round_trip(pipe))["progress"] > 0.5
+    # more than halfway to the requested colour, as the bundle's VAE draws it, the other objects kept
+    # (tests/edit_judge.py)
+    verdict = judge(output, source, target, vae_round_trip(pipe))
+    assert verdict["progress"] > 0.5 and verdict["kept_error"] < 0.15, verdict
     steps = workflow["10"]["inputs"]["steps"]
     expected, _ = pipe.edit_frames(source, card["demo_prompt"], options=pipe.sampler_options(steps=steps, seed=0))
     assert (output - expected.clamp(0, 1)).abs().mean() < 0.03

@@ -59,7 +59,9 @@ def test_demo_command_edits_where_the_instruction_asks_and_nowhere_else(tmp_path
     rendered = vae_round_trip(SamaPipeline.from_bundle(TRAINED_BUNDLE, device="cpu", dtype="fp32"))
     verdict = judge(output, source, target, rendered)
     assert verdict["progress"] > 0.5, verdict     # more than halfway to the requested colour (as the VAE draws it)
-    assert verdict["outside_error"] < 0.08, verdict  # the rest of the clip is kept
+    assert verdict["outside_error"] < 0.08, verdict  # the rest of the clip is kept ...
+    # ... the other objects included (VAE(target) scores ~0.02; recolouring the other object too ~0.4)
+    assert verdict["kept_error"] is not None and verdict["kept_error"] < 0.15, verdict
     assert (tmp_path / "compare.png").is_file() and (tmp_path / "edit_compare.mp4").is_file()
 
 
@@ -73,7 +75,8 @@ def test_edit_command_and_pipeline_give_the_demo_result(tmp_path):
     pipe = SamaPipeline.from_bundle(TRAINED_BUNDLE, device="cpu", dtype="fp32")
     source, target = read_demo_clips()
     frames, _ = pipe.edit_frames(source, prompt, options=pipe.sampler_options(seed=0))
-    assert judge(frames, source, target, vae_round_trip(pipe))["progress"] > 0.5
+    verdict = judge(frames, source, target, vae_round_trip(pipe))
+    assert verdict["progress"] > 0.5 and verdict["kept_error"] < 0.15, verdict
     # the CLI went through a lossy H.264 file, the pipeline did not
     assert (from_cli - frames.clamp(0, 1)).abs().mean() < 0.02
 
