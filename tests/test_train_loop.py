@@ -267,6 +267,31 @@ def test_prompt_dropout_one_trains_on_the_negative_prompt(tmp_path):
     assert [r["loss"] for r in a] != pytest.approx([r["loss"] for r in with_prompts], rel=1e-6)
 
 
+def test_dropout_copies_source_trains_the_dropped_samples_to_copy_their_source(tmp_path):
+    """train.dropout_copies_source with prompt_dropout = 1: every edit becomes "negative prompt -> its own
+    source", without a semantic target. The run equals one without dropout on a cache built that way
+    (prompts = the negative rows, targets = the sources) with the semantic loss weighted 0."""
+    negative = torch.randn(3, TINY.text_dim, generator=torch.Generator().manual_seed(9))  # = write_cache's
+    copies = loop_config(tmp_path, name="copies", train={"prompt_dropout": 1.0, "dropout_copies_source": True})
+    write_cache(copies, random_samples(n_raw=0))
+    rewritten = []
+    for sample in random_samples(n_raw=0):
+        rewritten.append(dict(sample, text=negative.clone(), target=sample["source"].clone()))
+    plain = loop_config(tmp_path, name="plain", cache="cache_copies", train={"semantic_loss_weight": 0.0})
+    write_cache(plain, rewritten)
+    a = train(copies).history
+    reset_accelerate()
+    b = train(plain).history
+    assert [r["loss_video"] for r in a] == pytest.approx([r["loss_video"] for r in b], rel=1e-6)
+    assert all(r["loss_semantic"] == 0 and r["loss"] == r["loss_video"] for r in a)
+    reset_accelerate()
+    dropped_only = train(loop_config(tmp_path, name="dropped_only", cache="cache",
+                                     train={"prompt_dropout": 1.0})).history
+    assert [r["loss_video"] for r in a] != pytest.approx([r["loss_video"] for r in dropped_only], rel=1e-3)
+    with pytest.raises(SamaInputError, match="prompt_dropout > 0"):
+        loop_config(tmp_path, train={"dropout_copies_source": True})
+
+
 def test_bf16_mixed_precision_trains_and_exports_bf16(tmp_path):
     fp32 = loop_config(tmp_path, name="fp32", train={"max_steps": 2})
     write_cache(fp32)

@@ -104,6 +104,9 @@ class TrainingConfig:
     # Probability that a sample's prompt is replaced by the negative prompt ("[Video edit]"), so that the
     # model also learns the unconditional prediction classifier-free guidance needs (0 = off).
     prompt_dropout: float = 0.0
+    # With prompt dropout: a dropped sample's target becomes its source (features.copy_source_where_dropped),
+    # so the unconditional prediction is "keep the source" (not in the paper; False = the paper's dropout).
+    dropout_copies_source: bool = False
     # Wall-clock budget of this invocation in minutes (None = none): when it is spent, the run saves a
     # checkpoint and exports as if max_steps were reached; `--resume latest` continues it later. For rented
     # or shared GPUs whose time is fixed in advance.
@@ -397,6 +400,9 @@ def validate(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.train.prompt_dropout <= 1.0:
         raise SamaInputError(f"train.prompt_dropout must be in [0, 1], got {cfg.train.prompt_dropout} "
                              "(~0.1 is usual; 0 = off)")
+    if cfg.train.dropout_copies_source and cfg.train.prompt_dropout <= 0:
+        raise SamaInputError("train.dropout_copies_source acts on the samples prompt dropout drops: set "
+                             "train.prompt_dropout > 0 too (e.g. 0.2), or turn it off")
     frames = cfg.data.frame_buckets
     if not frames or any(not isinstance(f, int) or f < 1 or (f - 1) % 4 for f in frames):
         raise SamaInputError(f"data.frame_buckets must be frame counts of the form 4k+1 (e.g. [17, 33, 49, 81]), "

@@ -8,7 +8,8 @@ The same code serves the `cache` step (features written to shards) and training 
 data (features computed next to the DiT every step), so both see identical features.
 A "feature batch" is a dict:
     target (B, 16, T, h, w) | source (B, 16, T, h, w) or None | context (B, L, text_dim) zero-padded rows |
-    semantic (B, 65N, siglip_dim) or None | valid_latent_frames (B,) | seeds (B,) | skipped [str] | ...
+    semantic (B, 65N, siglip_dim) or None | valid_latent_frames (B,) | seeds (B,) | skipped [str] |
+    semantic_mask (B,) float, optional: 0 for samples without a semantic target | ...
 """
 
 from __future__ import annotations
@@ -48,20 +49,49 @@ def pad_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def dropped(seeds: torch.Tensor, probability: float) -> list[bool]:
+    """Which samples lose their prompt to prompt dropout: decided by each sample's seed alone (the same
+    choice on any device and for any number of processes)."""
+    if probability <= 0:
+        return [False] * len(seeds)
+    return [torch.rand((), generator=torch.Generator().manual_seed(derive_seed(s, "prompt_dropout"))).item()
+            < probability for s in seeds.tolist()]
+
+
 def drop_prompts(context: torch.Tensor, seeds: torch.Tensor, negative: torch.Tensor,
                  probability: float) -> torch.Tensor:
     """Prompt dropout for classifier-free guidance: each sample's prompt rows (B, L, D) are replaced by the
-    negative prompt's rows (N, D) with `probability`, decided by the sample's seed alone (the same choice
-    on any device and for any number of processes). Zero rows past a prompt are the DiT's own padding, so
-    the batch comes back padded to its longest remaining prompt."""
-    if probability <= 0:
-        return context
-    drop = [torch.rand((), generator=torch.Generator().manual_seed(derive_seed(s, "prompt_dropout"))).item()
-            < probability for s in seeds.tolist()]
+    negative prompt's rows (N, D) with `probability` (`dropped`). Zero rows past a prompt are the DiT's own
+    padding, so the batch comes back padded to its longest remaining prompt."""
+    drop = dropped(seeds, probability)
     if not any(drop):
         return context
     negative = negative.to(context)
     return pad_rows([negative if d else row for d, row in zip(drop, context)])
+
+
+def copy_source_where_dropped(features: dict, probability: float) -> dict:
+    """`train.dropout_copies_source`: every sample whose prompt dropout drops (same decision as
+    drop_prompts) and whose source has the target's shape gets its source as the target, so the
+    unconditional prediction learns "keep the source" instead of "some edit, any edit". Classifier-free
+    guidance then extrapolates from a copy of the source towards the instruction's edit. Why (session 7):
+    the SAMA-Shapes DiT kept the parts of the clip an edit leaves alone badly (its first-step error there 6x
+    that of copying) and its unconditional prediction made edits of its own, while the same DiT learns a
+    plain copy in ~800 steps. Such samples get `semantic_mask` 0: the cache holds the anchor tokens of the
+    edited target only, so they have no semantic target (their anchor-token input stays the target's, as at
+    sampling time, when the unconditional pass sees the anchor tokens being denoised towards the edit)."""
+    source = features.get("source")
+    if probability <= 0 or source is None or source.shape != features["target"].shape:
+        return features
+    drop = torch.tensor(dropped(features["seeds"], probability), device=source.device)
+    if not drop.any():
+        return features
+    mask = drop.view(-1, *([1] * (source.ndim - 1)))
+    out = dict(features, target=torch.where(mask, source, features["target"]))
+    previous = features.get("semantic_mask")
+    keep = (~drop).float() if previous is None else previous * (~drop).float()
+    out["semantic_mask"] = keep
+    return out
 
 
 def negative_rows(cfg, encoders=None, cached=None) -> torch.Tensor:

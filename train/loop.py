@@ -29,7 +29,7 @@ from .config import TrainConfig, save_config
 from .data import (RAW_VIDEO, VIDEO_EDIT, IMAGE_EDIT, BucketBatchPlan, ProcessBatchSampler, RawMediaDataset,
                    collate_raw, load_or_build_index, pretext_names_in)
 from .ema import EMA
-from .features import DTYPES, FeatureEncoders, batch_to, drop_prompts, negative_rows
+from .features import DTYPES, FeatureEncoders, batch_to, copy_source_where_dropped, drop_prompts, negative_rows
 from .losses import training_loss
 from .modeling import build_dit
 
@@ -347,6 +347,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, on_step: Optional[Call
         if negative is not None:
             features = dict(features, context=drop_prompts(features["context"], features["seeds"], negative,
                                                            cfg.train.prompt_dropout))
+            if cfg.train.dropout_copies_source:
+                features = copy_source_where_dropped(features, cfg.train.prompt_dropout)
         return batch_to(features, accelerator.device)
 
     metrics_path = out_dir / "logs" / "metrics.jsonl"

@@ -5,6 +5,8 @@ For each sample, with one sigma shared by its video and semantic tokens:
     x_sigma = (1 - sigma) x0 + sigma e          v* = e - x0        (target latents; the source stays clean)
     s_sigma = (1 - sigma) s0 + sigma e_s        v_s* = e_s - s0    (SigLIP anchor tokens)
     L = MSE(v_video, v*) over the real latent frames + 0.1 * L1(v_semantic, v_s*)
+(a batch's optional `semantic_mask` (B,) zeroes the L1 of samples without a semantic target; the mean stays
+over the whole batch)
 Per-sample means first (each over its own real frames), then the mean over the batch, so a sample padded
 to a longer frame bucket weighs as much as any other.
 
@@ -114,7 +116,9 @@ def flow_matching_loss(pred_video: torch.Tensor, pred_semantic: Optional[torch.T
         semantic = video.new_zeros(())
     else:
         s0 = batch["semantic"].float()
-        semantic = (pred_semantic.float() - (draw.semantic_noise.to(s0) - s0)).abs().flatten(1).mean(1).mean()
+        per_sample = (pred_semantic.float() - (draw.semantic_noise.to(s0) - s0)).abs().flatten(1).mean(1)
+        mask = batch.get("semantic_mask")  # (B,) 0 for samples without a semantic target (copy samples)
+        semantic = per_sample.mean() if mask is None else (per_sample * mask.to(per_sample)).mean()
     return LossParts(video + semantic_weight * semantic, video, semantic)
 
 
