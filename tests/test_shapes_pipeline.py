@@ -235,7 +235,9 @@ def test_ground_truth_is_perfect_and_copy_fails_every_edit(heldout):
     rows = ev.read_cases(heldout)
     report = ev.evaluate({"gt": ev.ground_truth_method, "copy": ev.copy_method}, rows)
     gt, copy = report.summaries["gt"], report.summaries["copy"]
-    assert set(gt) == {"all", "color", "shape", "remove", "add", "background"}
+    assert set(gt) == {"all", "color", "shape", "remove", "add", "background", "by_background"}
+    assert all(b["accuracy"] == 1.0 for b in gt["by_background"].values())
+    assert all(b["accuracy"] == 0.0 for b in copy["by_background"].values())
     assert gt["all"]["edits"] == 15 and gt["all"]["judged"] == 15
     for kind in ("all", "color", "shape", "remove", "add", "background"):
         assert gt[kind]["accuracy"] == 1.0
@@ -246,6 +248,25 @@ def test_ground_truth_is_perfect_and_copy_fails_every_edit(heldout):
     assert gt["all"]["motion_error"] == 0.0 and gt["all"]["motion_lost"] == 0.0
     assert copy["all"]["motion_error"] < 1.0  # unedited objects are where they were (occlusions aside)
     assert gt["all"]["temporal_ratio"] == 1.0 and gt["all"]["temporal_gap"] == 0.0
+
+
+def test_accuracy_by_background_style_counts_each_style_separately(heldout, tmp_path):
+    """A method that makes the edit only on one background style: 100% there, 0% elsewhere, in the summary
+    and in results.md."""
+    rows = ev.read_cases(heldout)
+    styles = sorted({r["scene"]["background"]["style"] for r in rows})
+    chosen = styles[0]
+
+    def only_on_chosen(case):
+        return case.target if case.row["scene"]["background"]["style"] == chosen else case.source
+    report = ev.evaluate({"picky": only_on_chosen}, rows, tmp_path)
+    by = report.summaries["picky"]["by_background"]
+    assert set(by) == set(styles) and by[chosen]["accuracy"] == 1.0
+    assert by[chosen]["judged"] == sum(r["scene"]["background"]["style"] == chosen for r in rows)
+    assert all(by[st]["accuracy"] == 0.0 for st in styles if st != chosen)
+    table = (tmp_path / "results.md").read_text()
+    assert "Edit accuracy by the source's background style" in table
+    assert "| picky | " + " | ".join("100.0%" if st == chosen else "0.0%" for st in styles) + " |" in table
 
 
 def _case(heldout, kind, clip=0):

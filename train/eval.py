@@ -266,6 +266,12 @@ def temporal_consistency(case: EditCase, output: np.ndarray) -> dict:
     return {"temporal_ratio": ratio, "temporal_gap": float(np.abs(out_diff - tgt_diff).mean() * 255.0)}
 
 
+def background_style(case: EditCase) -> str:
+    """The source scene's background style (plain, stripes, checker, noise): accuracy differs 2-3x between
+    them for a blurry VAE (docs/sama_shapes.md, session 7), so the tables split it out."""
+    return case.row["scene"]["background"]["style"]
+
+
 def score(case: EditCase, output: np.ndarray) -> dict:
     """Every metric of one edit's output (F, H, W, 3) in [0, 1]."""
     if output.shape != case.target.shape:
@@ -273,7 +279,8 @@ def score(case: EditCase, output: np.ndarray) -> dict:
                              f"{case.target.shape}; the method must return the source's frames and size")
     output = np.clip(output.astype(np.float32), 0.0, 1.0)
     outside = ~case.edit_mask
-    result = {"id": case.row["id"], "kind": case.kind, **edit_accuracy(case, output),
+    result = {"id": case.row["id"], "kind": case.kind, "background_style": background_style(case),
+              **edit_accuracy(case, output),
               "background_psnr": psnr(output, case.target, outside),
               "psnr": psnr(output, case.target, np.ones_like(outside))}
     result.update(motion_error(case, output))
@@ -334,7 +341,13 @@ def summarize(results: list[dict]) -> dict:
                 "temporal_ratio": _mean(r["temporal_ratio"] for r in rows),
                 "temporal_gap": _mean(r["temporal_gap"] for r in rows)}
     kinds = [k for k in EDIT_KINDS if any(r["kind"] == k for r in results)]
-    return {"all": block(results), **{k: block([r for r in results if r["kind"] == k]) for k in kinds}}
+    styles = sorted({r["background_style"] for r in results if r.get("background_style")})
+    by_style = {}
+    for style in styles:
+        judged = [r["success"] for r in results if r.get("background_style") == style and r.get("success") is not None]
+        by_style[style] = {"judged": len(judged), "accuracy": float(np.mean(judged)) if judged else None}
+    return {"all": block(results), **{k: block([r for r in results if r["kind"] == k]) for k in kinds},
+            "by_background": by_style}
 
 
 def _fmt(value, digits=2, percent=False) -> str:
@@ -364,6 +377,16 @@ def markdown_tables(summaries: dict[str, dict], header: str = "") -> str:
     lines.append("")
     lines.append(f"{n['edits']} edits ({n['judged']} judged for accuracy). Edit accuracy per kind is the share "
                  "of successful edits; see train/eval.py for the definitions.")
+    styles = sorted({st for s in summaries.values() for st in s.get("by_background", {})})
+    if styles:
+        first = next(iter(summaries.values())).get("by_background", {})
+        lines += ["", "Edit accuracy by the source's background style (judged edits per style: "
+                  + ", ".join(f"{st} {first.get(st, {}).get('judged', 0)}" for st in styles) + "):", "",
+                  "| method | " + " | ".join(styles) + " |", "|---" * (len(styles) + 1) + "|"]
+        for m in methods:
+            by = summaries[m].get("by_background", {})
+            lines.append(f"| {m} | " + " | ".join(_fmt(by.get(st, {}).get("accuracy"), 3, True) for st in styles)
+                         + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -766,7 +766,9 @@ def write_card(run: Run, folder: Path, extra_seconds: Optional[dict] = None) -> 
     for stage, seconds in (extra_seconds or {}).items():
         card["seconds"][stage] = card["seconds"].get(stage, 0.0) + seconds
     card["metrics"] = {method: {k: v for k, v in s["all"].items()} | {
-        "accuracy_per_kind": {kind: block["accuracy"] for kind, block in s.items() if kind != "all"}}
+        "accuracy_per_kind": {kind: block["accuracy"] for kind, block in s.items()
+                              if kind not in ("all", "by_background")},
+        "accuracy_per_background": {style: block["accuracy"] for style, block in s.get("by_background", {}).items()}}
         for method, s in metrics.items()}
     tmp = folder / f".{BUNDLE_FILE}.tmp"
     tmp.write_text(json.dumps(spec, indent=2) + "\n")
