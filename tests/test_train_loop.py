@@ -290,6 +290,13 @@ def test_dropout_copies_source_trains_the_dropped_samples_to_copy_their_source(t
     assert [r["loss_video"] for r in a] != pytest.approx([r["loss_video"] for r in dropped_only], rel=1e-3)
     with pytest.raises(SamaInputError, match="prompt_dropout > 0"):
         loop_config(tmp_path, train={"dropout_copies_source": True})
+    # a stage-0 pretext batch keeps its target: its source is the corrupted clip
+    from train.features import copy_source_where_dropped
+    target, source = torch.zeros(2, 4, 3, 4, 4), torch.ones(2, 4, 3, 4, 4)
+    pretext = {"target": target, "source": source, "seeds": torch.tensor([1, 2]), "pretext": "cube"}
+    assert copy_source_where_dropped(pretext, 1.0) is pretext
+    edits = copy_source_where_dropped(dict(pretext, pretext="-"), 1.0)
+    assert torch.equal(edits["target"], source) and edits["semantic_mask"].tolist() == [0.0, 0.0]
 
 
 def test_bf16_mixed_precision_trains_and_exports_bf16(tmp_path):

@@ -49,6 +49,9 @@ def pad_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+EDIT_BATCH = "-"  # the `pretext` of a batch of edits (train/data.py's batch plan)
+
+
 def dropped(seeds: torch.Tensor, probability: float) -> list[bool]:
     """Which samples lose their prompt to prompt dropout: decided by each sample's seed alone (the same
     choice on any device and for any number of processes)."""
@@ -71,8 +74,9 @@ def drop_prompts(context: torch.Tensor, seeds: torch.Tensor, negative: torch.Ten
 
 
 def copy_source_where_dropped(features: dict, probability: float) -> dict:
-    """`train.dropout_copies_source`: every sample whose prompt dropout drops (same decision as
-    drop_prompts) and whose source has the target's shape gets its source as the target, so the
+    """`train.dropout_copies_source`: in a batch of edits (not of stage-0 pretexts), every sample whose
+    prompt dropout drops (same decision as drop_prompts) and whose source has the target's shape gets its
+    source as the target, so the
     unconditional prediction learns "keep the source" instead of "some edit, any edit". Classifier-free
     guidance then extrapolates from a copy of the source towards the instruction's edit. Why (session 7):
     the SAMA-Shapes DiT kept the parts of the clip an edit leaves alone badly (its first-step error there 6x
@@ -81,6 +85,8 @@ def copy_source_where_dropped(features: dict, probability: float) -> dict:
     edited target only, so they have no semantic target (their anchor-token input stays the target's, as at
     sampling time, when the unconditional pass sees the anchor tokens being denoised towards the edit)."""
     source = features.get("source")
+    if features.get("pretext", EDIT_BATCH) != EDIT_BATCH:
+        return features  # a stage-0 pretext's source is the corrupted clip: copying it would be learnt
     if probability <= 0 or source is None or source.shape != features["target"].shape:
         return features
     drop = torch.tensor(dropped(features["seeds"], probability), device=source.device)
