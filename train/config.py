@@ -355,6 +355,27 @@ def save_config(cfg: TrainConfig, path) -> None:
 
 # ----------------------------------------------------------------------------------------- validation
 
+def learning_rate_at(optim, step: int) -> float:
+    """The learning rate of `step` for an optim section with lr, warmup_steps, decay_from_step and final_lr
+    (the DiT's OptimConfig, the VAE's VAEOptimConfig): linear warm-up to lr, constant, then final_lr from
+    decay_from_step on. A pure function of the step, so there is nothing to checkpoint and a resumed run can
+    add the step."""
+    if optim.decay_from_step is not None and step >= optim.decay_from_step:
+        return optim.final_lr
+    warmup = optim.warmup_steps
+    return optim.lr * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+
+
+def check_learning_rate_step(optim) -> None:
+    """optim.decay_from_step and optim.final_lr: both or neither, final_lr > 0, decay_from_step >= 0."""
+    if (optim.decay_from_step is None) != (optim.final_lr is None):
+        raise SamaInputError("optim.decay_from_step and optim.final_lr go together: set both (e.g. "
+                             "optim.decay_from_step=5000 optim.final_lr=1e-4) or neither")
+    if optim.final_lr is not None and not (optim.final_lr > 0 and optim.decay_from_step >= 0):
+        raise SamaInputError(f"optim.final_lr must be > 0 and optim.decay_from_step >= 0, got "
+                             f"{optim.final_lr} and {optim.decay_from_step}")
+
+
 def _choice(value, allowed, name):
     if value not in allowed:
         raise SamaInputError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
@@ -379,12 +400,7 @@ def validate(cfg: TrainConfig) -> None:
     for name, value in positive.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise SamaInputError(f"{name} must be a positive integer, got {value!r}")
-    if (cfg.optim.decay_from_step is None) != (cfg.optim.final_lr is None):
-        raise SamaInputError("optim.decay_from_step and optim.final_lr go together: set both (e.g. "
-                             "optim.decay_from_step=10000 optim.final_lr=1e-4) or neither")
-    if cfg.optim.final_lr is not None and not (cfg.optim.final_lr > 0 and cfg.optim.decay_from_step >= 0):
-        raise SamaInputError(f"optim.final_lr must be > 0 and optim.decay_from_step >= 0, got "
-                             f"{cfg.optim.final_lr} and {cfg.optim.decay_from_step}")
+    check_learning_rate_step(cfg.optim)
     if cfg.sigma.shift <= 0:
         raise SamaInputError(f"sigma.shift must be positive, got {cfg.sigma.shift} (1.0 = no shift)")
     if not 0.0 <= cfg.ema.decay < 1.0:

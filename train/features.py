@@ -76,28 +76,24 @@ def drop_prompts(context: torch.Tensor, seeds: torch.Tensor, negative: torch.Ten
 def copy_source_where_dropped(features: dict, probability: float) -> dict:
     """`train.dropout_copies_source`: in a batch of edits (not of stage-0 pretexts), every sample whose
     prompt dropout drops (same decision as drop_prompts) and whose source has the target's shape gets its
-    source as the target, so the
-    unconditional prediction learns "keep the source" instead of "some edit, any edit". Classifier-free
+    source as the target, so the unconditional prediction learns "keep the source" instead of "some edit,
+    any edit". Classifier-free
     guidance then extrapolates from a copy of the source towards the instruction's edit. Why (session 7):
     the SAMA-Shapes DiT kept the parts of the clip an edit leaves alone badly (its first-step error there 6x
     that of copying) and its unconditional prediction made edits of its own, while the same DiT learns a
     plain copy in ~800 steps. Such samples get `semantic_mask` 0: the cache holds the anchor tokens of the
     edited target only, so they have no semantic target (their anchor-token input stays the target's, as at
     sampling time, when the unconditional pass sees the anchor tokens being denoised towards the edit)."""
-    source = features.get("source")
     if features.get("pretext", EDIT_BATCH) != EDIT_BATCH:
         return features  # a stage-0 pretext's source is the corrupted clip: copying it would be learnt
+    source = features.get("source")
     if probability <= 0 or source is None or source.shape != features["target"].shape:
         return features
     drop = torch.tensor(dropped(features["seeds"], probability), device=source.device)
     if not drop.any():
         return features
     mask = drop.view(-1, *([1] * (source.ndim - 1)))
-    out = dict(features, target=torch.where(mask, source, features["target"]))
-    previous = features.get("semantic_mask")
-    keep = (~drop).float() if previous is None else previous * (~drop).float()
-    out["semantic_mask"] = keep
-    return out
+    return dict(features, target=torch.where(mask, source, features["target"]), semantic_mask=(~drop).float())
 
 
 def negative_rows(cfg, encoders=None, cached=None) -> torch.Tensor:

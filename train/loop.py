@@ -25,7 +25,7 @@ from sama_core.errors import SamaInputError
 
 from . import checkpoint as ckpt
 from .cache import CachedFeatureDataset, cache_fingerprint, collate_features
-from .config import TrainConfig, save_config
+from .config import TrainConfig, learning_rate_at, save_config
 from .data import (RAW_VIDEO, VIDEO_EDIT, IMAGE_EDIT, BucketBatchPlan, ProcessBatchSampler, RawMediaDataset,
                    collate_raw, load_or_build_index, pretext_names_in)
 from .ema import EMA
@@ -154,12 +154,8 @@ def run_fingerprint(cfg: TrainConfig) -> str:
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up to optim.lr, constant, then optim.final_lr from optim.decay_from_step on: a pure
-    function of the step (nothing to checkpoint, so a resumed run can add the decay)."""
-    if cfg.optim.decay_from_step is not None and step >= cfg.optim.decay_from_step:
-        return cfg.optim.final_lr
-    warmup = cfg.optim.warmup_steps
-    return cfg.optim.lr * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+    """Linear warm-up to optim.lr, constant, then optim.final_lr from optim.decay_from_step on (config.py)."""
+    return learning_rate_at(cfg.optim, step)
 
 
 # ------------------------------------------------------------------------------------ one optimizer step

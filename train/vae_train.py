@@ -61,7 +61,14 @@ from sama_core.vae import LATENT_CHANNELS, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
 
 from . import checkpoint as ckpt
 from . import loop  # the wall clock and the time-budget check (train.max_minutes) shared with train/
-from .config import CheckpointConfig, EMAConfig, build_config, read_config_file
+from .config import (
+    CheckpointConfig,
+    EMAConfig,
+    build_config,
+    check_learning_rate_step,
+    learning_rate_at,
+    read_config_file,
+)
 from .data import derive_seed
 
 log = logging.getLogger(__name__)
@@ -194,12 +201,7 @@ def validate_vae_config(cfg: VAETrainConfig) -> None:
     if not cfg.data.datasets:
         raise SamaInputError("data.datasets is empty: give SAMA-Shapes folders written by `python -m "
                              "train.synthetic` (each holds video_edits.jsonl)")
-    if (cfg.optim.decay_from_step is None) != (cfg.optim.final_lr is None):
-        raise SamaInputError("optim.decay_from_step and optim.final_lr go together: set both (e.g. "
-                             "optim.decay_from_step=5000 optim.final_lr=1e-4) or neither")
-    if cfg.optim.final_lr is not None and not (cfg.optim.final_lr > 0 and cfg.optim.decay_from_step >= 0):
-        raise SamaInputError(f"optim.final_lr must be > 0 and optim.decay_from_step >= 0, got "
-                             f"{cfg.optim.final_lr} and {cfg.optim.decay_from_step}")
+    check_learning_rate_step(cfg.optim)
     if cfg.max_minutes is not None and not cfg.max_minutes > 0:
         raise SamaInputError(f"max_minutes must be > 0 (or null for no time limit), got {cfg.max_minutes}")
     if cfg.mixed_precision not in ("no", "bf16"):
@@ -377,10 +379,7 @@ def phase(cfg: VAETrainConfig, step: int) -> tuple[int, int]:
 
 def learning_rate(cfg: VAETrainConfig, step: int) -> float:
     """Linear warm-up to optim.lr, constant, then optim.final_lr from optim.decay_from_step on."""
-    if cfg.optim.decay_from_step is not None and step >= cfg.optim.decay_from_step:
-        return cfg.optim.final_lr
-    warmup = cfg.optim.warmup_steps
-    return cfg.optim.lr * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+    return learning_rate_at(cfg.optim, step)
 
 
 # ------------------------------------------------------------------------------ latent normalisation
