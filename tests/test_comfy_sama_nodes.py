@@ -458,10 +458,12 @@ def test_sama_shapes_workflow_makes_the_demo_edit_like_the_pipeline(comfy_server
     from sama_core.pipeline import SamaPipeline
     from sama_core.video import read_video
 
-    card = json.loads((SHAPES_BUNDLE / "bundle.json").read_text())["card"]
+    spec = json.loads((SHAPES_BUNDLE / "bundle.json").read_text())
+    card = spec["card"]
     shutil.copy(SHAPES_BUNDLE / "sample.mp4", comfy_server.input_path("sama_shapes_sample.mp4"))
     workflow = load_workflow("sama_shapes_demo_api.json")
     assert workflow["7"]["inputs"]["instruction"] == card["demo_prompt"]
+    assert workflow["10"]["inputs"]["cfg"] == spec["defaults"]["guidance"]  # what the CLI and pipeline use
     assert workflow["5"]["inputs"]["dit_name"] == "sama-shapes/dit.safetensors"  # listed from the pack itself
     workflow["17"]["inputs"]["filename_prefix"] = _unique("video/sama_shapes_demo")
 
@@ -475,7 +477,7 @@ def test_sama_shapes_workflow_makes_the_demo_edit_like_the_pipeline(comfy_server
     target, _ = read_video(SHAPES_BUNDLE / "sample_target.mp4")
     # The same model as the headless pipeline: equal up to ComfyUI's video decode/encode and VAE wrapper.
     pipe = SamaPipeline.from_bundle(SHAPES_BUNDLE, device="cpu", dtype="fp32")
-    # more than halfway to the requested colour, as the bundle's VAE draws it, the other objects kept
+    # more than halfway to the requested edit, as the bundle's VAE draws it, the other objects kept
     # (tests/edit_judge.py)
     verdict = judge(output, source, target, vae_round_trip(pipe))
     assert verdict["progress"] > 0.5 and verdict["kept_error"] < 0.15, verdict

@@ -331,6 +331,27 @@ def test_eval_writes_tables_and_plots_and_refuses_bad_inputs(heldout, train_set,
     assert ev.main(["--data", str(heldout), "--baselines", "vae"]) == 2  # the VAE baseline needs a bundle
 
 
+def test_eval_guidance_sweep_gives_a_row_per_value_and_the_default_is_the_bundles(heldout, tmp_path):
+    from sama_core.bundle import write_tiny_random_bundle
+    bundle = write_tiny_random_bundle(tmp_path / "bundle", defaults={"steps": 2, "guidance": 3.0})
+    common = ["--bundle", str(bundle), "--data", str(heldout), "--limit", "1", "--kinds", "color",
+              "--baselines", "copy"]
+    assert ev.main([*common, "--out", str(tmp_path / "sweep"), "--guidance", "1,3"]) == 0
+    assert ev.main([*common, "--out", str(tmp_path / "default")]) == 0
+    sweep = {r["method"]: r for r in map(json.loads, (tmp_path / "sweep" / "per_edit.jsonl").read_text().splitlines())}
+    assert set(sweep) == {"SAMA-Shapes (guidance 1)", "SAMA-Shapes (guidance 3)", "copy (output = source)"}
+    default = [json.loads(line) for line in (tmp_path / "default" / "per_edit.jsonl").read_text().splitlines()]
+    model = next(r for r in default if r["method"] == "SAMA-Shapes")
+    # no --guidance: the bundle's 3.0, the same numbers as the sweep's guidance-3 row; guidance 1 differs
+    assert model["progress"] == sweep["SAMA-Shapes (guidance 3)"]["progress"]
+    assert model["progress"] != sweep["SAMA-Shapes (guidance 1)"]["progress"]
+    assert ev.parse_guidances("1.5,2") == (1.5, 2.0) and ev.parse_guidances(None) == (None,)
+    for bad, message in (("2,x", "numbers >= 0"), ("-1", "numbers >= 0"), ("2,2", "a value twice")):
+        with pytest.raises(SamaInputError, match=message):
+            ev.parse_guidances(bad)
+    assert ev.main([*common, "--guidance", "2,fast"]) == 2
+
+
 # ------------------------------------------------------------------------------------- orchestration
 
 def _fake_stages(log):
@@ -475,18 +496,47 @@ def test_data_digest_changes_with_any_manifest_line(tmp_path):
     assert shapes.data_digest(run) != first
 
 
-def test_demo_clip_is_a_clear_colour_edit_of_the_demo_split():
+def test_demo_clip_is_a_clear_removal_from_the_demo_split():
     clip = shapes.pick_demo_clip()
     edit = clip.edits[0].edit
-    assert clip.split == "demo" and edit.kind == "color"
+    assert shapes.DEMO_KIND == "remove"
+    assert clip.split == "demo" and edit.kind == "remove"
     assert shapes.is_clear_demo(clip.scene, edit)
-    assert edit.change["to"] in edit.instruction
     assert clip.scene.background.style == "plain"
+    removed = clip.scene.objects[edit.object_index]
+    assert [o.color for o in clip.scene.objects].count(removed.color) == 1
+    assert len(edit.target.objects) == len(clip.scene.objects) - 1
+    named = [w for w in (edit.reference["color"], edit.reference["shape"]) if w]
+    assert named and all(w in edit.instruction for w in named)
 
 
-def test_demo_clip_is_rejected_on_a_textured_background():
+def test_colour_demo_clip_is_still_available():
+    clip = shapes.pick_demo_clip("color")
+    edit = clip.edits[0].edit
+    assert edit.kind == "color" and shapes.is_clear_demo(clip.scene, edit)
+    assert edit.change["to"] in edit.instruction
+
+
+def test_demo_clip_kind_outside_the_demo_kinds_is_named():
+    with pytest.raises(SamaInputError, match="demo shows a color or remove edit, not 'shape'"):
+        shapes.pick_demo_clip("shape")
+
+
+def test_removal_demo_is_rejected_when_another_object_has_the_removed_colour():
     import dataclasses
     clip = shapes.pick_demo_clip()
+    edit = clip.edits[0].edit
+    removed = clip.scene.objects[edit.object_index]
+    same = dataclasses.replace(clip.scene, objects=[
+        o if i == edit.object_index else dataclasses.replace(o, color=removed.color)
+        for i, o in enumerate(clip.scene.objects)])
+    assert not shapes.is_clear_demo(same, edit)
+
+
+@pytest.mark.parametrize("kind", shapes.DEMO_KINDS)
+def test_demo_clip_is_rejected_on_a_textured_background(kind):
+    import dataclasses
+    clip = shapes.pick_demo_clip(kind)
     edit = clip.edits[0].edit
     for style in ("stripes", "checker", "noise"):
         textured = dataclasses.replace(clip.scene, background=dataclasses.replace(clip.scene.background, style=style,
@@ -494,11 +544,12 @@ def test_demo_clip_is_rejected_on_a_textured_background():
         assert not shapes.is_clear_demo(textured, edit), style
 
 
-def test_demo_clip_is_rejected_when_the_edited_object_touches_another():
+@pytest.mark.parametrize("kind", shapes.DEMO_KINDS)
+def test_demo_clip_is_rejected_when_the_edited_object_touches_another(kind):
     import dataclasses
 
     from train.synthetic import render_scene
-    clip = shapes.pick_demo_clip()
+    clip = shapes.pick_demo_clip(kind)
     edit = clip.edits[0].edit
     scene = clip.scene
     other = next(i for i in range(len(scene.objects)) if i != edit.object_index)
@@ -589,6 +640,14 @@ def test_tiny_budget_runs_every_stage_and_continues_after_a_stop(tiny_run):
     assert spec["defaults"] == {"steps": 2, "guidance": 2.0, "shift": 5.0, "target_area": 4096}
     card = spec["card"]
     assert card["demo_video"] == "sample.mp4" and card["demo_prompt"]
+    demo = json.loads((out / "data" / "demo" / "sample.json").read_text())
+    assert card["demo_kind"] == demo["kind"] == shapes.DEMO_KIND and card["demo_prompt"] == demo["instruction"]
+    # the steps the exported DiTs were trained for, read from their exports (the tiny budget runs to max_steps)
+    for stage in ("stage0", "stage1"):
+        exported = json.loads((out / stage / "final" / "export.json").read_text())["step"]
+        assert card["training"][f"{stage}_steps"] == exported == shapes.final_config(run_of(out), stage).train.max_steps
+    assert "stage1_lr_from_step" not in card["training"]
+    assert f"a {shapes.DEMO_KIND} edit: the first clear one" in (out / "bundle" / "README.md").read_text()
     assert card["metrics"]["ground truth"]["accuracy"] == 1.0
     assert card["metrics"]["copy (output = source)"]["accuracy"] == 0.0
     assert set(card["seconds"]) == set(shapes.STAGE_NAMES)
@@ -599,6 +658,32 @@ def test_tiny_budget_runs_every_stage_and_continues_after_a_stop(tiny_run):
                 "| VAE(target) ceiling |"):
         assert row in table
     assert "## Evaluation" in (out / "bundle" / "README.md").read_text()
+
+
+def run_of(out):
+    return shapes.start_run(out, "tiny", "full", echo=lambda line: None)
+
+
+@pytest.mark.slow
+def test_card_reports_the_config_the_export_was_trained_with(tiny_run, tmp_path):
+    """A run resumed with overrides (here a learning-rate step) exports its config beside the DiT: the card
+    reports that one and the exported step, not the run's template."""
+    from train.config import load_config, save_config
+    run, out = tiny_run["run"], tiny_run["out"]
+    final = out / "stage1" / "final"
+    saved = {name: (final / name).read_bytes() for name in ("config.yaml", "export.json")}
+    try:
+        cfg = load_config(final / "config.yaml")
+        cfg.optim.decay_from_step, cfg.optim.final_lr = 1, 1e-5
+        save_config(cfg, final / "config.yaml")
+        (final / "export.json").write_text(json.dumps({**json.loads(saved["export.json"]), "step": 7}))
+        folder = shapes.export_bundle(run, tmp_path / "bundle")
+        training = json.loads((folder / "bundle.json").read_text())["card"]["training"]
+        assert training["stage1_steps"] == 7 and training["stage1_lr_from_step"] == 1
+        assert training["stage1_final_lr"] == 1e-5
+    finally:
+        for name, content in saved.items():
+            (final / name).write_bytes(content)
 
 
 @pytest.mark.slow

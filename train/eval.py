@@ -491,17 +491,28 @@ def evaluate(methods: dict[str, Method], rows: list[dict], out_dir=None, example
     return EvalReport(summaries, results, seconds, files)
 
 
+def guidance_row(name: str, guidance: Optional[float], sweep: bool) -> str:
+    return f"{name} (guidance {guidance:g})" if sweep else name
+
+
 def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], seed: int, name: str,
-                   baselines: list[str]) -> dict[str, Method]:
+                   baselines: list[str], guidances: tuple = (None,)) -> dict[str, Method]:
+    """The methods to evaluate. guidances: the bundle's default (None) or given values; with more than one,
+    every model gets a row per value ("NAME (guidance G)"), e.g. to choose the bundle's default on a
+    validation set (a held-out split drawn with another seed) rather than on the test set."""
     from sama_core.pipeline import SamaPipeline
     methods: dict[str, Method] = {}
     pipe = None
+    sweep = len(guidances) > 1
     if bundle is not None:
         pipe = SamaPipeline.from_bundle(bundle, device="cpu", dtype="fp32")
-        methods[name] = pipeline_method(pipe, pipe.sampler_options(steps=steps, seed=seed))
+        models = {name: pipe}
         for extra, dit in extra_dits.items():
-            other = SamaPipeline.from_bundle(bundle, device="cpu", dtype="fp32", dit=dit)
-            methods[extra] = pipeline_method(other, other.sampler_options(steps=steps, seed=seed))
+            models[extra] = SamaPipeline.from_bundle(bundle, device="cpu", dtype="fp32", dit=dit)
+        for row, model in models.items():
+            for guidance in guidances:
+                options = model.sampler_options(steps=steps, seed=seed, guidance=guidance)
+                methods[guidance_row(row, guidance, sweep)] = pipeline_method(model, options)
     elif extra_dits:
         raise SamaInputError("--extra-dit needs --bundle (for the VAE and encoders)")
     for baseline in baselines:
@@ -520,6 +531,24 @@ def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], see
     return methods
 
 
+def parse_guidances(text: Optional[str]) -> tuple:
+    """--guidance "2" or "1.5,2,3" -> (2.0,) / (1.5, 2.0, 3.0); None -> (None,) (the bundle's default)."""
+    if text is None:
+        return (None,)
+    values = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value) or value < 0:
+            raise SamaInputError(f"--guidance takes numbers >= 0 separated by commas, e.g. 1.5,2,3; got {text!r}")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise SamaInputError(f"--guidance lists a value twice: {text!r}")
+    return tuple(values)
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n\n")[0])
@@ -535,6 +564,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", default=",".join(EDIT_KINDS), help="edit kinds to evaluate")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", default=None, metavar="G[,G...]",
+                        help="guidance scale (default: the bundle's); several values give a row per value")
     parser.add_argument("--train-data", default=None, help="training folder: check no held-out scene is in it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -551,7 +582,8 @@ def main(argv=None) -> int:
             print(f"held-out scenes: {check_disjoint(args.data, args.train_data)}, none in {args.train_data}")
         rows = read_cases(args.data, args.limit, [k.strip() for k in args.kinds.split(",") if k.strip()])
         baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
-        methods = bundle_methods(args.bundle, extra, args.steps, args.seed, args.name, baselines)
+        methods = bundle_methods(args.bundle, extra, args.steps, args.seed, args.name, baselines,
+                                 parse_guidances(args.guidance))
         out = Path(args.out) if args.out else Path(args.data).resolve().parent / "eval"
         report = evaluate(methods, rows, out, progress=True)
     except SamaError as e:

@@ -310,17 +310,27 @@ def stage_data(run: Run) -> None:
     write_demo_clip(run.path("data", "demo"))
 
 
+# The demo's edit kind. Removal, because it is what the model does most reliably: on 100 held-out edits the
+# session-7 model (step 17083) removed 13 of 20 objects (5 of 5 on plain backgrounds) but recoloured only 5
+# of 20, and on the session-7 colour demo it recoloured both objects (docs/sama_shapes.md, session 8).
+DEMO_KIND = "remove"
+DEMO_KINDS = ("color", "remove")
+
+
 def is_clear_demo(scene, edit) -> bool:
-    """A colour edit that is easy to see: 2-3 objects, the edited one large (radius >= 7 px) and never within
-    1 px of another object (rendered outlines), neither its old nor its new colour used by another object,
-    the two colours far apart (RGB distance >= 0.6), on a plain background. Why plain: textures are the
-    VAE's weakest case (session 6, 100 held-out edits: background PSNR of VAE(target) 18 dB on checkerboards,
-    23 dB on plain) and the model's (accuracy 15% on checkerboards, 48% on plain), and a blurred texture hides
-    the edit the demo is there to show."""
+    """An edit that is easy to see: 2-3 objects, the edited one large (radius >= 7 px) and never within 1 px of
+    another object (rendered outlines), on a plain background. A colour edit also needs the two colours far
+    apart (RGB distance >= 0.6) and neither used by another object; a removal needs the removed object's
+    colour used by no other object and far (>= 0.6) from the background's. Why plain: textures are the VAE's
+    weakest case (session 6, 100 held-out edits: background PSNR of VAE(target) 18 dB on checkerboards, 23 dB
+    on plain) and the model's (accuracy 15% on checkerboards, 48% on plain), and a blurred texture hides the
+    edit the demo is there to show."""
     import numpy as np
     import torch
 
-    from .synthetic import OBJECT_COLORS, render_scene
+    from .synthetic import BACKGROUND_COLORS, OBJECT_COLORS, render_scene
+    if edit.kind not in DEMO_KINDS:
+        raise SamaInputError(f"the demo shows a {' or '.join(DEMO_KINDS)} edit, not {edit.kind!r}")
     objects = scene.objects
     edited = objects[edit.object_index]
     others = [o for i, o in enumerate(objects) if i != edit.object_index]
@@ -328,19 +338,26 @@ def is_clear_demo(scene, edit) -> bool:
         return False
     if scene.background.style != "plain":
         return False
-    old, new = (np.array(OBJECT_COLORS[edit.change[k]]) for k in ("from", "to"))
-    if np.linalg.norm(old - new) < 0.6:
-        return False
-    if any(o.color in (edit.change["from"], edit.change["to"]) for o in others):
-        return False
+    if edit.kind == "color":
+        old, new = (np.array(OBJECT_COLORS[edit.change[k]]) for k in ("from", "to"))
+        if np.linalg.norm(old - new) < 0.6:
+            return False
+        if any(o.color in (edit.change["from"], edit.change["to"]) for o in others):
+            return False
+    else:
+        background = np.array(BACKGROUND_COLORS[scene.background.colors[0]])
+        if np.linalg.norm(np.array(OBJECT_COLORS[edited.color]) - background) < 0.6:
+            return False
+        if any(o.color == edited.color for o in others):
+            return False
     coverage = render_scene(scene, supersample=1).coverage > 0  # (N, F, H, W); last: the costliest check
     near = torch.nn.functional.max_pool2d(coverage[edit.object_index].float()[:, None], 3, 1, 1)[:, 0] > 0
     others_mask = coverage[[i for i in range(len(objects)) if i != edit.object_index]].any(0)
     return not bool((near & others_mask).any())
 
 
-def pick_demo_clip(max_tries: int = 2000):
-    """The first clip of the "demo" split (never trained on) whose colour edit is clear (is_clear_demo).
+def pick_demo_clip(kind: str = DEMO_KIND, max_tries: int = 4000):
+    """The first clip of the "demo" split (never trained on) whose `kind` edit is clear (is_clear_demo).
     Deterministic and independent of any model's results."""
     from .synthetic import (
         _EDIT_STREAM_BASE,
@@ -352,13 +369,15 @@ def pick_demo_clip(max_tries: int = 2000):
         make_edit,
         sample_scene,
     )
-    config = SynthConfig(edits=("color",))
+    if kind not in DEMO_KINDS:
+        raise SamaInputError(f"the demo shows a {' or '.join(DEMO_KINDS)} edit, not {kind!r}")
+    config = SynthConfig(edits=(kind,))
     for index in range(max_tries):  # scenes and edits only (no rendering) until one fits
         scene = sample_scene(clip_generator(0, index, "demo", _SCENE_STREAM), config)
-        rng = clip_generator(0, index, "demo", _EDIT_STREAM_BASE + EDIT_KINDS.index("color"))
-        if is_clear_demo(scene, make_edit(scene, "color", rng, config)):
+        rng = clip_generator(0, index, "demo", _EDIT_STREAM_BASE + EDIT_KINDS.index(kind))
+        if is_clear_demo(scene, make_edit(scene, kind, rng, config)):
             return generate_clip(0, index, "demo", config)
-    raise SamaInputError(f"no clear demo clip in the first {max_tries} demo clips")
+    raise SamaInputError(f"no clear {kind} demo clip in the first {max_tries} demo clips")
 
 
 def write_demo_clip(folder: Path) -> None:
@@ -369,8 +388,8 @@ def write_demo_clip(folder: Path) -> None:
     save_clip(folder / "sample.mp4", clip.source.frames, crf=12)  # the demo reads ordinary video files
     save_clip(folder / "sample_target.npz", edit.target.frames)
     (folder / "sample.json").write_text(json.dumps(
-        {"clip": clip.clip_id, "instruction": edit.edit.instruction, "change": edit.edit.change,
-         "caption": clip.caption}, indent=1) + "\n")
+        {"clip": clip.clip_id, "kind": edit.edit.kind, "instruction": edit.edit.instruction,
+         "change": edit.edit.change, "caption": clip.caption}, indent=1) + "\n")
 
 
 def stage_vae(run: Run) -> None:
@@ -707,11 +726,23 @@ def default_guidance(run: Run) -> float:
     return 2.0 if load_config(run.path("shapes_stage1.yaml")).train.prompt_dropout > 0 else 1.0
 
 
+def final_config(run: Run, stage: str):
+    """The config a stage's exported DiT was trained with last (a resumed run may have overridden the run's
+    shapes_<stage>.yaml, e.g. with a learning-rate step), else the run's."""
+    from .config import load_config
+    used = run.path(stage, "final", "config.yaml")
+    return load_config(used if used.exists() else run.path(f"shapes_{stage}.yaml"))
+
+
+def trained_steps(run: Run, stage: str) -> int:
+    """The step of the stage's export (the run may have stopped on the clock before max_steps)."""
+    export = _read_json(run.path(stage, "final", "export.json"))
+    return export["step"] if "step" in export else final_config(run, stage).train.max_steps
+
+
 def base_card(run: Run, demo: dict) -> dict:
     import torch
-
-    from .config import load_config
-    s0, s1 = (load_config(run.path(f"shapes_{s}.yaml")) for s in ("stage0", "stage1"))
+    s0, s1 = (final_config(run, s) for s in ("stage0", "stage1"))
     vae_cfg = yaml.safe_load(run.path("shapes_vae.yaml").read_text())
     stats = _read_json(run.path("vae", "final", "latent_stats.json"))
     data = _read_json(run.path("data", "train", "dataset.json"))
@@ -720,7 +751,7 @@ def base_card(run: Run, demo: dict) -> dict:
     return {
         "name": "SAMA-Shapes", "trained": True, "budget": run.budget.name, "variant": run.variant,
         "demo_prompt": demo["instruction"], "demo_video": "sample.mp4", "demo_target_video": "sample_target.mp4",
-        "demo_clip": demo["clip"], "demo_change": demo["change"],
+        "demo_clip": demo["clip"], "demo_kind": demo.get("kind"), "demo_change": demo["change"],
         "what": "A tiny SAMA (Wan2.1-architecture DiT with semantic anchoring and motion alignment) trained by "
                 "this repository's train/ on procedurally generated clips of moving shapes. It edits 64x64 "
                 "clips of coloured circles/squares/triangles/stars; it knows nothing else.",
@@ -734,8 +765,10 @@ def base_card(run: Run, demo: dict) -> dict:
                     "latent_normalisation": "measured mean/std folded into quant_conv/post_quant_conv so the "
                                             "Wan2.1 constants normalise it (train/vae_train.py)"},
             **_read_json(run.path("encoders", "encoders.json"))},
-        "training": {"stage0_steps": s0.train.max_steps, "stage1_steps": s1.train.max_steps,
+        "training": {"stage0_steps": trained_steps(run, "stage0"), "stage1_steps": trained_steps(run, "stage1"),
                      "batch_size": s0.train.batch_size, "stage0_lr": s0.optim.lr, "stage1_lr": s1.optim.lr,
+                     **({"stage1_lr_from_step": s1.optim.decay_from_step, "stage1_final_lr": s1.optim.final_lr}
+                        if s1.optim.decay_from_step is not None else {}),
                      "semantic_anchoring": s1.data.semantic_anchoring, "pretext_mix": s0.data.pretext_mix,
                      "ema_decay": s0.ema.decay},
         "hardware": {"machine": platform.machine(), "processor": platform.processor() or None,
@@ -787,7 +820,9 @@ def write_card(run: Run, folder: Path, extra_seconds: Optional[dict] = None) -> 
              "--out edit.mp4"),
             "```", "",
             (f"Demo clip: `sample.mp4` ({card.get('demo_clip')}, never trained on), prompt: "
-             f"\"{card.get('demo_prompt')}\". Defaults: {json.dumps(spec.get('defaults', {}))}."), ""]
+             f"\"{card.get('demo_prompt')}\" (a {card.get('demo_kind') or 'colour'} edit: the first clear one of "
+             "the demo split, train/shapes.py is_clear_demo). "
+             f"Defaults: {json.dumps(spec.get('defaults', {}))}."), ""]
     text += block("Data", card.get("data", {}))
     text += block("Components", card.get("components", {}))
     text += block("Training", card.get("training", {}))

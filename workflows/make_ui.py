@@ -188,7 +188,7 @@ first frame, **SAMA Anchor Encode (file)** encodes it with the bundle's small Si
 
 A real instruction edit on a CPU in seconds: the SAMA-14B edit graph with **SAMA-Shapes**, the tiny SAMA
 this pack ships (trained by its own `train/` on clips of moving coloured shapes; it edits 64x64 clips of
-circles, squares, triangles and stars and knows nothing else). 20 steps, cfg 1.
+circles, squares, triangles and stars and knows nothing else). 20 steps, cfg 2 (the bundle's default guidance).
 
 **Model files**: none to download. The pack adds its bundled `sama_core/assets/sama-shapes/` folder to
 ComfyUI's model folders, so the loaders list `sama-shapes/dit.safetensors`,
@@ -196,7 +196,8 @@ ComfyUI's model folders, so the loaders list `sama-shapes/dit.safetensors`,
 **SAMA Load VAE (any width)**).
 
 **Input**: copy `sama_core/assets/sama-shapes/sample.mp4` to `ComfyUI/input/sama_shapes_sample.mp4`
-(the clip the instruction was written for: an orange circle and a red square on black), or load another
+(the clip the instruction was written for: a cyan circle, a purple circle and a red square on dark
+gray; the model removes objects far more reliably than it recolours them), or load another
 shapes clip and write your own instruction, e.g. "make the red square blue", "remove the star",
 "turn the circle into a triangle", "change the background to stripes".""",
     "tiny_demo_native_ksampler": f"""# SAMA tiny demo with the native KSampler (random weights)
