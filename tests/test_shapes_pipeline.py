@@ -647,6 +647,8 @@ def test_tiny_budget_runs_every_stage_and_continues_after_a_stop(tiny_run):
         exported = json.loads((out / stage / "final" / "export.json").read_text())["step"]
         assert card["training"][f"{stage}_steps"] == exported == shapes.final_config(run_of(out), stage).train.max_steps
     assert "stage1_lr_from_step" not in card["training"]
+    # the text encoder was fine-tuned to tag word roles (train/text_roles.py) for the budget's steps
+    assert "5 steps of word-role tagging" in card["components"]["text_encoder"]["init"]
     assert f"a {shapes.DEMO_KIND} edit: the first clear one" in (out / "bundle" / "README.md").read_text()
     assert card["metrics"]["ground truth"]["accuracy"] == 1.0
     assert card["metrics"]["copy (output = source)"]["accuracy"] == 0.0

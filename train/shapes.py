@@ -71,6 +71,9 @@ class Budget:
     text_dim: int = 64              # tiny UMT5 width (= the DiT's text_dim)
     siglip_width: int = 64          # tiny SigLIP width (= the DiT's siglip_dim)
     vocab_size: int = 256           # sentencepiece pieces (fewer if the corpus has fewer)
+    # Steps of train/text_roles.py on the random text encoder (0: none): it learns which instruction word
+    # names the object and which is the change (session 8: colour edits right 15% -> see docs/sama_shapes.md).
+    text_roles_steps: int = 3000
     vae: tuple = ()
     stage0: tuple = ()
     stage1: tuple = ()
@@ -93,7 +96,7 @@ BUDGETS = {
     "full": Budget("full", train_clips=1000, heldout_clips=100, eval_clips=40, dit_clips=400),
     # Checks the machinery in about a minute (the test): every stage, tiny sizes, a few steps.
     "tiny": Budget("tiny", train_clips=4, heldout_clips=1, frames=9, data_workers=1, text_dim=16, siglip_width=16,
-                   vocab_size=200,
+                   vocab_size=200, text_roles_steps=5,
                    vae=("max_steps=3", "model.base_dim=4", "batch_size=1", "data.num_frames=5",
                         "data.image_steps=1", "data.image_batch_size=2", "data.stats_clips=4",
                         "data.eval_clips=1", "checkpoint.every=2", "log.every=1", "optim.warmup_steps=1"),
@@ -441,11 +444,19 @@ def stage_encoders(run: Run) -> None:
     g = torch.Generator().manual_seed(0)
     text = tiny_umt5(vocab, run.budget.text_dim, g)
     save_umt5_comfy(text, spiece, tmp / "text_encoder.safetensors")
+    init = "random (std 0.15), frozen"
+    if run.budget.text_roles_steps:
+        from .text_roles import train_text_roles
+        text, _, _, stats = train_text_roles(tmp / "text_encoder.safetensors", [run.path("data", "train")],
+                                             steps=run.budget.text_roles_steps)
+        save_umt5_comfy(text, spiece, tmp / "text_encoder.safetensors")
+        init = (f"random (std 0.15), then {stats['step']} steps of word-role tagging (train/text_roles.py: "
+                f"role accuracy {stats['role_accuracy']:.3f}, drift {stats['drift']:.3f}), frozen")
     siglip = tiny_siglip(run.budget.siglip_width, g, image_size=64, patch=8, heads=2)  # 8x8 patch grid
     siglip.save_pretrained(str(tmp / "siglip"))  # a folder: train/ reads the head count from its config
     (tmp / "encoders.json").write_text(json.dumps({
         "text_encoder": {"kind": "UMT5 encoder", "d_model": run.budget.text_dim, "layers": 2, "vocab": vocab,
-                         "init": "random (std 0.15), frozen", "tokenizer": f"sentencepiece unigram, {vocab} "
+                         "init": init, "tokenizer": f"sentencepiece unigram, {vocab} "
                          f"pieces, trained on {len(corpus)} instructions and captions"},
         "siglip": {"kind": "SigLIP vision tower", "width": run.budget.siglip_width, "layers": 1, "image_size": 64,
                    "patch": 8, "init": "random (std 0.05), frozen"}}, indent=1) + "\n")
@@ -840,7 +851,8 @@ def write_card(run: Run, folder: Path, extra_seconds: Optional[dict] = None) -> 
              table.replace("# SAMA-Shapes evaluation\n", "")]
     text += ["## Limits", "",
              ("Toy data only: 64x64 clips of four shapes in eight colours on eight backgrounds. The text encoder "
-              "and SigLIP are random and frozen; the VAE is tiny, so outputs are blurrier than the inputs. "
+              "and SigLIP are frozen (SigLIP random; the text encoder as Components says); the VAE is tiny, so "
+              "outputs are blurrier than the inputs. "
               + (f"Guidance {spec['defaults']['guidance']} (stage 1 trained with prompt dropout)."
                  if spec.get("defaults", {}).get("guidance", 1.0) > 1.0
                  else "Guidance is 1.0 (no prompt dropout in training)."))]
