@@ -52,9 +52,21 @@ def _worker(rank, world, init_file, out_dir, config_dict, rope, backward):
 
 
 def _run(tmp_path, world, config=TINY, rope="exact", backward=False):
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), config.to_dict(), rope, backward),
-             nprocs=world, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    for attempt in range(2):
+        folder = tmp_path / f"attempt{attempt}"
+        folder.mkdir()
+        try:
+            mp.spawn(_worker, args=(world, str(folder / "init"), str(folder), config.to_dict(), rope, backward),
+                     nprocs=world, join=True)
+            break
+        except mp.ProcessExitedException as e:
+            # The CPU gloo backend rarely aborts a process ("terminate called without an active exception",
+            # SIGABRT) even with the barrier before teardown (sama_core/parallel.py close_process_group): seen
+            # once in ~20 CI runs, never reproduced in 5 local reruns. One retry; a real bug fails both times,
+            # and the outputs are still compared with the single-process result below.
+            if attempt or e.signal_name != "SIGABRT":
+                raise
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 def _reference(config=TINY, rope="exact", backward=False):
