@@ -8,7 +8,7 @@ import torch
 
 from sama_core.errors import SamaFileNotFoundError, SamaInputError
 from train import text_roles
-from train.synthetic import write_dataset
+from train.synthetic import EDIT_KINDS, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_role_labels_of_every_edit_kind(encoder_and_data):
             assert (labels["to_color"], labels["to_shape"]) == (added["color"], added["shape"])
         if row["kind"] == "background":
             assert labels["background"] and labels["to_color"] is None
-    assert seen == set(text_roles.KINDS)
+    assert seen == set(EDIT_KINDS)
 
 
 def test_fine_tuned_encoder_tags_roles_and_loads_like_the_original(encoder_and_data, tmp_path):

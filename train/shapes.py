@@ -72,7 +72,7 @@ class Budget:
     siglip_width: int = 64          # tiny SigLIP width (= the DiT's siglip_dim)
     vocab_size: int = 256           # sentencepiece pieces (fewer if the corpus has fewer)
     # Steps of train/text_roles.py on the random text encoder (0: none): it learns which instruction word
-    # names the object and which is the change (session 8: colour edits right 15% -> see docs/sama_shapes.md).
+    # names the object and which is the change (session 8: held-out colour edits 17.5% -> 35%, docs/sama_shapes.md).
     text_roles_steps: int = 3000
     vae: tuple = ()
     stage0: tuple = ()
@@ -323,6 +323,11 @@ DEMO_KIND = "remove"
 DEMO_KINDS = ("color", "remove")
 
 
+def check_demo_kind(kind: str) -> None:
+    if kind not in DEMO_KINDS:
+        raise SamaInputError(f"the demo shows a {' or '.join(DEMO_KINDS)} edit, not {kind!r}")
+
+
 def is_clear_demo(scene, edit) -> bool:
     """An edit that is easy to see: 2-3 objects, the edited one large (radius >= 7 px) and never within 1 px of
     another object (rendered outlines), on a plain background. A colour edit also needs the two colours far
@@ -335,8 +340,7 @@ def is_clear_demo(scene, edit) -> bool:
     import torch
 
     from .synthetic import BACKGROUND_COLORS, OBJECT_COLORS, render_scene
-    if edit.kind not in DEMO_KINDS:
-        raise SamaInputError(f"the demo shows a {' or '.join(DEMO_KINDS)} edit, not {edit.kind!r}")
+    check_demo_kind(edit.kind)
     objects = scene.objects
     edited = objects[edit.object_index]
     others = [o for i, o in enumerate(objects) if i != edit.object_index]
@@ -375,8 +379,7 @@ def pick_demo_clip(kind: str = DEMO_KIND, max_tries: int = 4000):
         make_edit,
         sample_scene,
     )
-    if kind not in DEMO_KINDS:
-        raise SamaInputError(f"the demo shows a {' or '.join(DEMO_KINDS)} edit, not {kind!r}")
+    check_demo_kind(kind)
     config = SynthConfig(edits=(kind,))
     for index in range(max_tries):  # scenes and edits only (no rendering) until one fits
         scene = sample_scene(clip_generator(0, index, "demo", _SCENE_STREAM), config)

@@ -32,10 +32,11 @@ import torch.nn.functional as F
 
 from sama_core.errors import SamaError, SamaFileNotFoundError, SamaInputError
 
+from .synthetic import EDIT_KINDS
+
 log = logging.getLogger(__name__)
 
 ROLES = ("none", "ref_color", "to_color", "ref_shape", "to_shape")
-KINDS = ("color", "shape", "remove", "add", "background")
 
 
 def role_labels(row: dict) -> dict:
@@ -91,22 +92,28 @@ class RoleHeads(torch.nn.Module):
         super().__init__()
         self.backgrounds = ["-", *backgrounds]
         self.token = torch.nn.Linear(width, len(ROLES))
-        self.kind = torch.nn.Linear(width, len(KINDS))
+        self.kind = torch.nn.Linear(width, len(EDIT_KINDS))
         self.background = torch.nn.Linear(width, len(self.backgrounds))
+
+
+def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
+    """(ids (B, L), mask (B, L), pieces per prompt) with sama_core's rule (TextEncoder.token_ids: the cleaned
+    prompt's ids, then EOS), padded to the longest prompt only. tokenizer: a SentencePieceProcessor. Pieces
+    are the vocabulary's (an unknown character is "<unk>", never a role word)."""
+    from sama_core.prompts import clean_prompt
+    ids = [tokenizer.encode(clean_prompt(p)) + [tokenizer.eos_id()] for p in prompts]
+    input_ids = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+    mask = torch.zeros(input_ids.shape)
+    for i, row in enumerate(ids):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return input_ids, mask, [[tokenizer.id_to_piece(i) for i in row] for row in ids]
 
 
 def encode(model, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[list[str]]]:
     """(rows (B, L, D), mask (B, L), pieces per prompt incl. "</s>") as sama_core's encoder tokenizes them."""
-    from sama_core.prompts import clean_prompt
-    pieces = [tokenizer.encode(clean_prompt(p), out_type=str) + ["</s>"] for p in prompts]
-    ids = [tokenizer.encode(clean_prompt(p)) + [tokenizer.eos_id()] for p in prompts]
-    length = max(map(len, ids))
-    input_ids = torch.zeros(len(ids), length, dtype=torch.long)
-    mask = torch.zeros(len(ids), length)
-    for i, row in enumerate(ids):
-        input_ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
-    return model(input_ids=input_ids, attention_mask=mask).last_hidden_state, mask, pieces
+    ids, mask, pieces = tokenize(tokenizer, prompts)
+    return model(input_ids=ids, attention_mask=mask).last_hidden_state, mask, pieces
 
 
 def predict_roles(model, heads: RoleHeads, tokenizer, prompt: str) -> list[tuple[str, str]]:
@@ -140,15 +147,15 @@ def train_text_roles(encoder_file, data, steps: int = 3000, batch_size: int = 64
     stats, started = {}, time.perf_counter()
     for step in range(1, steps + 1):
         batch = [examples[draw.randrange(len(examples))] for _ in range(batch_size)]
-        prompts = [prompt for prompt, _ in batch]
-        rows, mask, pieces = encode(model, tokenizer, prompts)
+        ids, mask, pieces = tokenize(tokenizer, [prompt for prompt, _ in batch])
+        rows = model(input_ids=ids, attention_mask=mask).last_hidden_state
         with torch.no_grad():
-            reference, _, _ = encode(teacher, tokenizer, prompts)
+            reference = teacher(input_ids=ids, attention_mask=mask).last_hidden_state
         roles = torch.full(mask.shape, -100, dtype=torch.long)  # padding: ignored
         for i, (piece_list, (_, labels)) in enumerate(zip(pieces, batch, strict=True)):
             roles[i, :len(piece_list)] = torch.tensor(token_roles(piece_list, labels))
         pooled = (rows * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        kinds = torch.tensor([KINDS.index(labels["kind"]) for _, labels in batch])
+        kinds = torch.tensor([EDIT_KINDS.index(labels["kind"]) for _, labels in batch])
         backgrounds_of = torch.tensor([heads.backgrounds.index(labels["background"] or "-") for _, labels in batch])
         token_logits = heads.token(rows)
         role_loss = F.cross_entropy(token_logits.flatten(0, 1), roles.flatten(), ignore_index=-100)
