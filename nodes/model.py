@@ -55,23 +55,27 @@ class SamaLoadModel(io.ComfyNode):
 def load_wan_vae_any_width(path):
     """A native ComfyUI VAE object for a Wan2.1 VAE of any width. ComfyUI 0.3.64's own loader builds the
     Wan2.1 VAE at the released width (96) only; smaller ones (the bundled tiny model's) get the same
-    ComfyUI VAE class around a ComfyUI WanVAE of their own width."""
+    ComfyUI VAE class around a ComfyUI WanVAE of their own width, with a decoder of its own width where the
+    file's differs from its encoder's (train/vae_train.py's `model.decoder_base_dim`)."""
     import comfy.ldm.wan.vae
     import comfy.model_management
     import comfy.model_patcher
     import comfy.sd
     import comfy.utils
     sd = comfy.utils.load_torch_file(path, safe_load=True)
-    width = sd.get("decoder.head.0.gamma")
-    if width is None or "decoder.middle.0.residual.0.gamma" not in sd:
+    decoder_width, encoder_width = sd.get("decoder.head.0.gamma"), sd.get("encoder.conv1.weight")
+    if decoder_width is None or encoder_width is None or "decoder.middle.0.residual.0.gamma" not in sd:
         raise SamaModelFileError(f"{path} is not a Wan2.1 VAE in the original/ComfyUI layout")
-    if width.shape[0] == 96:
+    decoder_width, encoder_width = decoder_width.shape[0], encoder_width.shape[0]
+    if decoder_width == encoder_width == 96:
         return comfy.sd.VAE(sd=sd)
     # A one-tensor state dict that selects ComfyUI's Wan2.1 VAE setup (shape of the width-96 model's tensor),
     # whose module is then swapped for one of this file's width.
     vae = comfy.sd.VAE(sd={"decoder.middle.0.residual.0.gamma": torch.ones(384, 1, 1, 1)})
-    model = comfy.ldm.wan.vae.WanVAE(dim=width.shape[0], z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-                                     attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
+    layout = dict(z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[], dropout=0.0)
+    model = comfy.ldm.wan.vae.WanVAE(dim=encoder_width, temperal_downsample=[False, True, True], **layout)
+    if decoder_width != encoder_width:
+        model.decoder = comfy.ldm.wan.vae.Decoder3d(decoder_width, temperal_upsample=[True, True, False], **layout)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise SamaModelFileError(f"{path}: not a Wan2.1 VAE layout ({len(missing)} missing, {len(unexpected)} "

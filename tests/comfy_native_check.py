@@ -90,7 +90,34 @@ def main():
     results["sigma_max_abs_diff"] = {
         n: float((comfy.samplers.calculate_sigmas(base.model_sampling, "simple", n).float() - flow_sigmas(n))
                  .abs().max()) for n in (5, 6, 20, 25, 50)}
+    results["vae"] = vae_widths_check()
     print(json.dumps(results))
+
+
+def vae_widths_check() -> dict:
+    """SAMA Load VAE's loader on tiny Wan2.1 VAE files (one with a decoder wider than its encoder, as
+    `train.vae_train` trainable: decoder writes): decode through ComfyUI's VAE object vs sama_core's."""
+    from diffusers import AutoencoderKLWan
+
+    from sama_pack.nodes.model import load_wan_vae_any_width
+    from sama_pack.sama_core.vae import WanVAE, save_original_layout
+    out = {}
+    for name, decoder_base_dim in (("same", None), ("wide_decoder", 8)):
+        torch.manual_seed(1)
+        model = AutoencoderKLWan(base_dim=4, decoder_base_dim=decoder_base_dim, z_dim=16)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        path = pathlib.Path(tempfile.mkdtemp()) / f"vae_{name}.safetensors"
+        save_original_layout(model, path)
+        latent = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(2))  # raw (ComfyUI) latents
+        comfy_vae = load_wan_vae_any_width(str(path))
+        frames = comfy_vae.decode(latent).float().reshape(-1, 32, 32, 3)  # (F, H, W, 3) in [0, 1]
+        ours = WanVAE.from_file(path).decode(latent, normalized=False)  # (1, 3, F, H, W) in [-1, 1]
+        ours = ((ours[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)
+        out[name] = {"frames": list(frames.shape), "max_abs_diff": float((frames - ours).abs().max()),
+                     "decoder_width": int(comfy_vae.first_stage_model.decoder.dim)}
+    return out
 
 
 if __name__ == "__main__":

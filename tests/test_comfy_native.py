@@ -38,3 +38,10 @@ def test_simple_scheduler_equals_sama_sigmas_when_steps_divide_1000(native_resul
     diffs = native_results["sigma_max_abs_diff"]
     assert all(diffs[n] <= 6e-8 for n in ("5", "20", "25", "50"))  # at most 1 float32 ulp
     assert diffs["6"] > 1e-5  # documented: use SAMA Sigmas + SamplerCustomAdvanced for such step counts
+
+
+@pytest.mark.parametrize("case, width", [("same", 4), ("wide_decoder", 8)])
+def test_sama_load_vae_reads_tiny_vaes_and_a_wider_decoder_like_sama_core(native_results, case, width):
+    r = native_results["vae"][case]
+    assert r["decoder_width"] == width and r["frames"] == [5, 32, 32, 3]
+    assert r["max_abs_diff"] < 1e-4

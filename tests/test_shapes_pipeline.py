@@ -229,6 +229,49 @@ def test_vae_max_minutes_stops_with_a_checkpoint_and_an_export_and_resume_matche
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("decoder_base_dim", [None, 8])
+def test_decoder_training_keeps_the_latents_and_changes_the_decoder(train_set, tmp_path, decoder_base_dim):
+    """trainable: decoder (same width: from the file's decoder; wider: a fresh one) leaves encode() bit for
+    bit as the init file's, so a DiT trained on those latents still reads them, and the decoder learns."""
+    from safetensors.torch import load_file
+
+    from sama_core.vae import WanVAE
+    base = train_vae(_small_vae_cfg(train_set, tmp_path / "base", 2)) / "vae.safetensors"
+    _reset_accelerate()
+    cfg = _small_vae_cfg(train_set, tmp_path / "dec", 3)
+    cfg.init_from, cfg.trainable = str(base), "decoder"
+    cfg.model.decoder_base_dim = decoder_base_dim
+    cfg.data.image_steps = 0
+    out = train_vae(cfg) / "vae.safetensors"
+    a, b = load_file(str(base)), load_file(str(out))
+    encoder_side = [k for k in a if k.startswith(("encoder.", "conv1."))]
+    assert encoder_side and all(torch.equal(a[k], b[k]) for k in encoder_side)
+    assert b["decoder.head.0.gamma"].shape[0] == (decoder_base_dim or 4)
+    if decoder_base_dim is None:
+        assert not torch.equal(a["decoder.head.2.weight"], b["decoder.head.2.weight"])  # it trained
+
+    old, new = WanVAE.from_file(base), WanVAE.from_file(out)  # both load through sama_core
+    assert (new.model.config.decoder_base_dim or 4) == (decoder_base_dim or 4)
+    x = _clip_tensor(load_clip(ClipPool.from_datasets([train_set]).paths[0]))
+    z = old.encode(x)
+    assert torch.equal(z, new.encode(x))
+    assert new.decode(z).shape == x.shape
+    stats = json.loads((out.parent / "latent_stats.json").read_text())
+    assert stats["trainable"] == "decoder" and stats["fold"]["target"].startswith("kept")
+    assert stats["decoder_base_dim"] == (decoder_base_dim or 4)
+
+
+def test_decoder_training_config_errors_name_the_fix(train_set, tmp_path):
+    values = {"output_dir": str(tmp_path), "data": {"datasets": [str(train_set)]}, "trainable": "decoder"}
+    with pytest.raises(SamaInputError, match="needs init_from"):
+        vae_config_from_dict(values)
+    with pytest.raises(SamaInputError, match="trainable must be one of"):
+        vae_config_from_dict({**values, "trainable": "encoder"})
+    cfg = vae_config_from_dict({**values, "init_from": str(tmp_path / "missing.safetensors")})
+    with pytest.raises(SamaFileNotFoundError, match="init_from"):
+        train_vae(cfg)
+
+
 # ------------------------------------------------------------------------------------------------ eval
 
 def test_ground_truth_is_perfect_and_copy_fails_every_edit(heldout):

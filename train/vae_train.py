@@ -80,6 +80,7 @@ STATS_FILE = "latent_stats.json"
 # std is floored there, so the fold does not blow its noise up by orders of magnitude.
 STD_FLOOR_FRACTION = 1e-2
 INITIAL_LOGVAR = -8.0
+TRAINABLE = ("all", "decoder")
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -87,6 +88,10 @@ INITIAL_LOGVAR = -8.0
 @dataclasses.dataclass
 class VAEArchConfig:
     base_dim: int = 12                  # Wan2.1's is 96
+    # The decoder's width when it differs from the encoder's (diffusers' `decoder_base_dim`; sama_core and the
+    # node pack read such files). None = base_dim. With `trainable: decoder` a wider decoder can be trained
+    # behind a frozen encoder: more capacity for the pixels while the latents the DiT learned stay the same.
+    decoder_base_dim: Optional[int] = None
     z_dim: int = LATENT_CHANNELS        # fixed by SAMA (16); checked
     # "default": PyTorch's layer init (diffusers builds the model for loading, not training): at init the
     # latents barely depend on the input (std across a batch 0.03) and training stalled near the mean colour.
@@ -155,6 +160,13 @@ class VAETrainConfig:
     max_steps: int = 4000
     mixed_precision: str = "no"         # no | bf16 (accelerate autocast; weights stay fp32)
     max_minutes: Optional[float] = None  # wall-clock budget of one invocation: then checkpoint + export (as train/)
+    # Start from an exported VAE file (final/vae.safetensors, original layout) instead of a fresh model.
+    init_from: Optional[str] = None
+    # "all", or "decoder": the encoder and quant_conv stay frozen (needs init_from), so encode() gives the
+    # same latents bit for bit and a DiT trained on them keeps working; only post_quant_conv and the decoder
+    # learn (from the init file's weights, or from scratch when model.decoder_base_dim differs). The export
+    # then keeps the init file's latent normalisation instead of measuring and folding a new one.
+    trainable: str = "all"
     model: VAEArchConfig = dataclasses.field(default_factory=VAEArchConfig)
     data: VAEDataConfig = dataclasses.field(default_factory=VAEDataConfig)
     loss: VAELossConfig = dataclasses.field(default_factory=VAELossConfig)
@@ -181,6 +193,16 @@ class VAETrainConfig:
 def validate_vae_config(cfg: VAETrainConfig) -> None:
     if cfg.model.init not in ("default", "kaiming_zero"):
         raise SamaInputError(f"model.init must be 'default' or 'kaiming_zero', got {cfg.model.init!r}")
+    if cfg.trainable not in TRAINABLE:
+        raise SamaInputError(f"trainable must be one of {TRAINABLE}, got {cfg.trainable!r}")
+    if cfg.trainable == "decoder" and not cfg.init_from:
+        raise SamaInputError("trainable: decoder needs init_from: the exported VAE file whose encoder (and "
+                             "latent space) the decoder is trained for, e.g. init_from=runs/shapes/vae/final/"
+                             "vae.safetensors")
+    if cfg.model.decoder_base_dim is not None and (not isinstance(cfg.model.decoder_base_dim, int)
+                                                   or cfg.model.decoder_base_dim < 1):
+        raise SamaInputError(f"model.decoder_base_dim must be a positive integer or null (= model.base_dim), "
+                             f"got {cfg.model.decoder_base_dim!r}")
     if cfg.model.z_dim != LATENT_CHANNELS:
         raise SamaInputError(f"model.z_dim must be {LATENT_CHANNELS} (the Wan2.1 latent channels the SAMA DiT "
                              f"reads), got {cfg.model.z_dim}")
@@ -283,7 +305,7 @@ def build_vae(arch: VAEArchConfig, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # Wan2.1's layout except the width: the only layout sama_core.vae.save_original_layout converts.
-        vae = AutoencoderKLWan(base_dim=arch.base_dim, z_dim=arch.z_dim)
+        vae = AutoencoderKLWan(base_dim=arch.base_dim, decoder_base_dim=arch.decoder_base_dim, z_dim=arch.z_dim)
         if arch.init == "kaiming_zero":
             kaiming_zero_init(vae)
     with torch.no_grad():
@@ -293,6 +315,44 @@ def build_vae(arch: VAEArchConfig, seed: int):
         # where the reconstruction allows.
         vae.quant_conv.bias[arch.z_dim:] = INITIAL_LOGVAR
     return vae
+
+
+def decoder_width(vae) -> int:
+    return vae.config.decoder_base_dim or vae.config.base_dim
+
+
+def initial_vae(cfg: VAETrainConfig):
+    """The VAE a run starts from: a fresh one (build_vae), or cfg.init_from's weights. A decoder of another
+    width than the file's (model.decoder_base_dim) starts fresh behind the file's encoder, quant_conv and
+    post_quant_conv (post_quant_conv holds the inverse of the file's latent normalisation)."""
+    if cfg.init_from is None:
+        return build_vae(cfg.model, cfg.seed)
+    from sama_core.vae import WanVAE
+    path = cfg.resolve_path(cfg.init_from)
+    if not path.is_file():
+        raise SamaFileNotFoundError(f"init_from: {path} does not exist; give an exported VAE file "
+                                    "(final/vae.safetensors of python -m train.vae_train)")
+    source = WanVAE.from_file(path).model.float()
+    if source.config.base_dim != cfg.model.base_dim:
+        raise SamaInputError(f"init_from: {path} has an encoder of width {source.config.base_dim}, but "
+                             f"model.base_dim is {cfg.model.base_dim}: set model.base_dim={source.config.base_dim}")
+    width = cfg.model.decoder_base_dim or cfg.model.base_dim
+    if width == decoder_width(source):
+        vae = source
+    else:
+        vae = build_vae(cfg.model, cfg.seed)
+        for name in ("encoder", "quant_conv", "post_quant_conv"):
+            getattr(vae, name).load_state_dict(getattr(source, name).state_dict())
+    vae.requires_grad_(True)
+    if cfg.trainable == "decoder":
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    return vae
+
+
+def encoder_side_keys(state_dict) -> list[str]:
+    """The original-layout tensors that decide the latents: the encoder and conv1 (= quant_conv)."""
+    return sorted(k for k in state_dict if k.startswith(("encoder.", "conv1.")))
 
 
 @torch.no_grad()
@@ -337,7 +397,10 @@ class ReconstructionModel(torch.nn.Module):
         self.vae = vae
 
     def forward(self, frames: torch.Tensor, noise: torch.Tensor):
-        posterior = self.vae.encode(frames).latent_dist
+        # A frozen encoder (trainable: decoder) runs without a graph: half the memory, no backward through it.
+        frozen = not any(p.requires_grad for p in self.vae.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            posterior = self.vae.encode(frames).latent_dist
         z = posterior.mean + posterior.std * noise.to(posterior.mean)  # (B, 16, T, h, w)
         return decode_unclamped(self.vae, z), posterior.mean, posterior.logvar
 
@@ -464,8 +527,15 @@ def export_vae(cfg: VAETrainConfig, vae, pool: ClipPool, step: int, used_ema: bo
     vae = copy.deepcopy(vae).float().eval()
     stats_clips = _pick_clips(pool, min(cfg.data.stats_clips, len(pool)), cfg.seed, "vae-stats")
     raw_mean, raw_std = latent_statistics(vae, stats_clips)
-    scale, shift = fold_latent_normalisation(vae, raw_mean, raw_std)
+    if cfg.trainable == "decoder":  # the init file's encoder, already normalised: nothing to fold
+        fold = {"target": "kept from init_from (trainable: decoder)"}
+    else:
+        scale, shift = fold_latent_normalisation(vae, raw_mean, raw_std)
+        fold = {"target": "Wan2.1 latents_mean / latents_std", "scale": _rounded(scale),
+                "shift": _rounded(shift), "std_floor_fraction": STD_FLOOR_FRACTION}
     save_original_layout(vae, tmp / VAE_FILE)
+    if cfg.trainable == "decoder":
+        _check_encoder_unchanged(tmp / VAE_FILE, cfg.resolve_path(cfg.init_from))
 
     # Check the written file through sama_core's loader: normalised latents ~ N(0, 1) per channel.
     loaded = WanVAE.from_file(tmp / VAE_FILE)
@@ -474,10 +544,9 @@ def export_vae(cfg: VAETrainConfig, vae, pool: ClipPool, step: int, used_ema: bo
         WAN21_LATENTS_STD, dtype=torch.float64)
     norm_std = check_std / torch.tensor(WAN21_LATENTS_STD, dtype=torch.float64)
     report = {
-        "step": step, "ema": used_ema, "base_dim": cfg.model.base_dim, "stats_clips": len(stats_clips),
-        "raw_mean": _rounded(raw_mean), "raw_std": _rounded(raw_std),
-        "fold": {"target": "Wan2.1 latents_mean / latents_std", "scale": _rounded(scale),
-                 "shift": _rounded(shift), "std_floor_fraction": STD_FLOOR_FRACTION},
+        "step": step, "ema": used_ema, "base_dim": cfg.model.base_dim, "decoder_base_dim": decoder_width(vae),
+        "trainable": cfg.trainable, "init_from": cfg.init_from, "stats_clips": len(stats_clips),
+        "raw_mean": _rounded(raw_mean), "raw_std": _rounded(raw_std), "fold": fold,
         "normalized_mean": _rounded(norm_mean), "normalized_std": _rounded(norm_std),
         "train_psnr": reconstruction_psnr(loaded, stats_clips[: cfg.data.eval_clips]),
     }
@@ -495,6 +564,16 @@ def export_vae(cfg: VAETrainConfig, vae, pool: ClipPool, step: int, used_ema: bo
              step, "EMA" if used_ema else "raw", final, report["train_psnr"],
              f", {report['heldout_psnr']:.2f} dB held out" if "heldout_psnr" in report else "")
     return final
+
+
+def _check_encoder_unchanged(written: Path, init_file: Path) -> None:
+    """trainable: decoder promises the init file's latents: its encoder-side tensors, bit for bit."""
+    from safetensors.torch import load_file
+    new, old = load_file(str(written)), load_file(str(init_file))
+    keys = encoder_side_keys(old)
+    if keys != encoder_side_keys(new) or any(not torch.equal(new[k], old[k].to(new[k].dtype)) for k in keys):
+        raise SamaError(f"the exported VAE's encoder differs from {init_file}'s although trainable is 'decoder' "
+                        "(a bug: the encoder should have been frozen); the latents would not match the DiT's")
 
 
 def _rounded(t) -> list:
@@ -515,16 +594,18 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
     if accelerator.is_main_process:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     pool = ClipPool.from_datasets([cfg.resolve_path(d) for d in cfg.data.datasets])
-    vae = build_vae(cfg.model, cfg.seed)
+    vae = initial_vae(cfg)
     model = ReconstructionModel(vae).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = EMA(unwrapped.named_parameters(), cfg.ema.decay) if cfg.ema.enabled else None
-    log.info("VAE base_dim %d: %.2fM parameters; %d training clips; %d process(es); %d steps of %d single "
+    log.info("VAE base_dim %d (decoder %d, training %s%s): %.2fM parameters (%.2fM trained); %d training clips; %d process(es); %d steps of %d single "
              "frames, then batches of %d x %d frames to step %d", cfg.model.base_dim,
-             sum(p.numel() for p in unwrapped.parameters()) / 1e6, len(pool), accelerator.num_processes,
+             decoder_width(unwrapped.vae), cfg.trainable, f" from {cfg.init_from}" if cfg.init_from else "",
+             sum(p.numel() for p in unwrapped.parameters()) / 1e6,
+             sum(p.numel() for p in unwrapped.parameters() if p.requires_grad) / 1e6, len(pool), accelerator.num_processes,
              cfg.data.image_steps, cfg.data.image_batch_size, cfg.batch_size, cfg.data.num_frames, cfg.max_steps)
 
     step = 0
