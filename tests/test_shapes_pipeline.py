@@ -259,6 +259,17 @@ def test_decoder_training_keeps_the_latents_and_changes_the_decoder(train_set, t
     stats = json.loads((out.parent / "latent_stats.json").read_text())
     assert stats["trainable"] == "decoder" and stats["fold"]["target"].startswith("kept")
     assert stats["decoder_base_dim"] == (decoder_base_dim or 4)
+    assert stats["ema_start_weight"] == pytest.approx(cfg.ema.decay ** 3)  # 3 steps of a 0.999 EMA: ~all start
+
+
+def test_short_runs_are_warned_about_an_ema_that_still_holds_the_start(train_set, tmp_path, caplog):
+    from train.vae_train import ema_start_weight, suggested_ema_decay
+    assert ema_start_weight(0.999, 487) == pytest.approx(0.614, abs=1e-3)
+    assert suggested_ema_decay(487) == 0.9792 and ema_start_weight(suggested_ema_decay(487), 487) < 1e-4
+    assert suggested_ema_decay(3) == 0.9
+    with caplog.at_level("WARNING", logger="train.vae_train"):
+        train_vae(_small_vae_cfg(train_set, tmp_path / "short", 2))
+    assert "still 100% the weights the run started from" in caplog.text and "ema.decay=0.9" in caplog.text
 
 
 def test_decoder_training_config_errors_name_the_fix(train_set, tmp_path):
@@ -393,6 +404,34 @@ def test_eval_guidance_sweep_gives_a_row_per_value_and_the_default_is_the_bundle
         with pytest.raises(SamaInputError, match=message):
             ev.parse_guidances(bad)
     assert ev.main([*common, "--guidance", "2,fast"]) == 2
+
+
+def test_eval_extra_vae_rows_decode_the_bundles_dit_with_another_vae(heldout, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sama_core.bundle import write_tiny_random_bundle
+    bundle = write_tiny_random_bundle(tmp_path / "bundle", defaults={"steps": 2})
+    vae_file = bundle / json.loads((bundle / "bundle.json").read_text())["vae"]
+    weights = load_file(str(vae_file))
+    same = tmp_path / "same.safetensors"
+    save_file(weights, str(same))
+    weights["decoder.head.2.bias"] = weights["decoder.head.2.bias"] + 0.5  # a brighter decoder, same encoder
+    brighter = tmp_path / "brighter.safetensors"
+    save_file(weights, str(brighter))
+    assert ev.main(["--bundle", str(bundle), "--data", str(heldout), "--limit", "1", "--kinds", "color",
+                    "--baselines", "vae", "--out", str(tmp_path / "out"), "--extra-vae", f"same={same}",
+                    "--extra-vae", f"brighter={brighter}"]) == 0
+    rows = {r["method"]: r for r in map(json.loads, (tmp_path / "out" / "per_edit.jsonl").read_text().splitlines())}
+    assert set(rows) == {"SAMA-Shapes", "same", "brighter", "VAE(target) ceiling", "VAE(target) same",
+                         "VAE(target) brighter"}
+    metrics = ("progress", "psnr", "background_psnr")
+    assert all(rows["same"][m] == rows["SAMA-Shapes"][m] for m in metrics)  # the same file: the same edit
+    assert all(rows["VAE(target) same"][m] == rows["VAE(target) ceiling"][m] for m in metrics)
+    assert rows["brighter"]["psnr"] != rows["SAMA-Shapes"]["psnr"]
+    assert rows["VAE(target) brighter"]["psnr"] != rows["VAE(target) ceiling"]["psnr"]
+    with pytest.raises(SamaInputError, match="given twice"):
+        ev.parse_named_files([f"a={same}", f"a={brighter}"], "--extra-vae")
+    assert ev.main(["--data", str(heldout), "--extra-vae", f"a={same}"]) == 2  # needs --bundle
 
 
 # ------------------------------------------------------------------------------------- orchestration

@@ -1,7 +1,8 @@
 """Evaluate SAMA-Shapes editing on a held-out SAMA-Shapes set (train/synthetic.py, split "heldout").
 
     python -m train.eval --bundle runs/shapes/bundle --data runs/shapes/data/heldout [--out DIR] [--limit N]
-                         [--baselines copy,ground_truth,vae] [--extra-dit NAME=FILE ...] [--train-data DIR]
+                         [--baselines copy,ground_truth,vae] [--extra-dit NAME=FILE ...] [--extra-vae NAME=FILE ...]
+                         [--train-data DIR]
 
 Every video edit of the held-out set is run through each "method" (the bundle's model; optional extra DiTs
 such as stage 0's export; baselines: `copy` = the unedited source, `ground_truth` = the target itself,
@@ -496,25 +497,31 @@ def guidance_row(name: str, guidance: Optional[float], sweep: bool) -> str:
 
 
 def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], seed: int, name: str,
-                   baselines: list[str], guidances: tuple = (None,)) -> dict[str, Method]:
+                   baselines: list[str], guidances: tuple = (None,),
+                   extra_vaes: Optional[dict[str, str]] = None) -> dict[str, Method]:
     """The methods to evaluate. guidances: the bundle's default (None) or given values; with more than one,
     every model gets a row per value ("NAME (guidance G)"), e.g. to choose the bundle's default on a
-    validation set (a held-out split drawn with another seed) rather than on the test set."""
+    validation set (a held-out split drawn with another seed) rather than on the test set.
+    extra_vaes: other VAE files for the bundle's DiT (e.g. a decoder from train.vae_train's trainable:
+    decoder): a row "NAME" each, and with the 'vae' baseline a "VAE(target) NAME" row each."""
     from sama_core.pipeline import SamaPipeline
     methods: dict[str, Method] = {}
     pipe = None
     sweep = len(guidances) > 1
+    extra_vaes = extra_vaes or {}
     if bundle is not None:
         pipe = SamaPipeline.from_bundle(bundle, device="cpu", dtype="fp32")
         models = {name: pipe}
         for extra, dit in extra_dits.items():
             models[extra] = SamaPipeline.from_bundle(bundle, device="cpu", dtype="fp32", dit=dit)
+        for extra, vae in extra_vaes.items():
+            models[extra] = SamaPipeline.from_bundle(bundle, device="cpu", dtype="fp32", vae=vae)
         for row, model in models.items():
             for guidance in guidances:
                 options = model.sampler_options(steps=steps, seed=seed, guidance=guidance)
                 methods[guidance_row(row, guidance, sweep)] = pipeline_method(model, options)
-    elif extra_dits:
-        raise SamaInputError("--extra-dit needs --bundle (for the VAE and encoders)")
+    elif extra_dits or extra_vaes:
+        raise SamaInputError("--extra-dit / --extra-vae need --bundle (for the other components)")
     for baseline in baselines:
         if baseline == "copy":
             methods["copy (output = source)"] = copy_method
@@ -524,11 +531,26 @@ def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], see
             if pipe is None:
                 raise SamaInputError("the 'vae' baseline needs --bundle (its VAE)")
             methods["VAE(target) ceiling"] = vae_method(pipe.vae)
+            for extra in extra_vaes:
+                methods[f"VAE(target) {extra}"] = vae_method(models[extra].vae)
         else:
             raise SamaInputError(f"unknown baseline {baseline!r}; choose from copy, ground_truth, vae")
     if not methods:
         raise SamaInputError("nothing to evaluate: give --bundle and/or --baselines")
     return methods
+
+
+def parse_named_files(items: list[str], option: str) -> dict[str, str]:
+    """["NAME=FILE", ...] -> {NAME: FILE}; a name may not repeat (its rows would overwrite each other)."""
+    named = {}
+    for item in items:
+        if "=" not in item:
+            raise SamaInputError(f"{option} {item!r} must look like NAME=FILE")
+        key, value = item.split("=", 1)
+        if key in named:
+            raise SamaInputError(f"{option}: the name {key!r} is given twice; give each file its own name")
+        named[key] = value
+    return named
 
 
 def parse_guidances(text: Optional[str]) -> tuple:
@@ -559,6 +581,9 @@ def main(argv=None) -> int:
     parser.add_argument("--extra-dit", action="append", default=[], metavar="NAME=FILE",
                         help="another DiT with the bundle's encoders (e.g. 'stage 0 only=runs/shapes/stage0/"
                              "final/sama_dit.safetensors'); repeatable")
+    parser.add_argument("--extra-vae", action="append", default=[], metavar="NAME=FILE",
+                        help="another VAE file for the bundle's DiT (a decoder trained behind the bundle's "
+                             "frozen encoder: train/configs/shapes_vae_decoder.yaml); repeatable")
     parser.add_argument("--baselines", default="copy,ground_truth", help="comma list of copy, ground_truth, vae")
     parser.add_argument("--limit", type=int, default=None, help="first N held-out clips (each has 5 edits)")
     parser.add_argument("--kinds", default=",".join(EDIT_KINDS), help="edit kinds to evaluate")
@@ -572,18 +597,14 @@ def main(argv=None) -> int:
     try:
         if args.limit is not None and args.limit < 1:
             raise SamaInputError(f"--limit must be at least 1, got {args.limit}")
-        extra = {}
-        for item in args.extra_dit:
-            if "=" not in item:
-                raise SamaInputError(f"--extra-dit {item!r} must look like NAME=FILE")
-            key, value = item.split("=", 1)
-            extra[key] = value
+        extra, extra_vaes = parse_named_files(args.extra_dit, "--extra-dit"), parse_named_files(args.extra_vae,
+                                                                                              "--extra-vae")
         if args.train_data:
             print(f"held-out scenes: {check_disjoint(args.data, args.train_data)}, none in {args.train_data}")
         rows = read_cases(args.data, args.limit, [k.strip() for k in args.kinds.split(",") if k.strip()])
         baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
         methods = bundle_methods(args.bundle, extra, args.steps, args.seed, args.name, baselines,
-                                 parse_guidances(args.guidance))
+                                 parse_guidances(args.guidance), extra_vaes)
         out = Path(args.out) if args.out else Path(args.data).resolve().parent / "eval"
         report = evaluate(methods, rows, out, progress=True)
     except SamaError as e:

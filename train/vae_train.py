@@ -81,6 +81,7 @@ STATS_FILE = "latent_stats.json"
 STD_FLOOR_FRACTION = 1e-2
 INITIAL_LOGVAR = -8.0
 TRAINABLE = ("all", "decoder")
+EMA_START_WEIGHT_WARNING = 0.05  # warn when the exported EMA still holds more of the starting weights
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -554,6 +555,13 @@ def export_vae(cfg: VAETrainConfig, vae, pool: ClipPool, step: int, used_ema: bo
         heldout = ClipPool.from_datasets([cfg.resolve_path(cfg.data.eval_dataset)])
         report["heldout_psnr"] = reconstruction_psnr(
             loaded, _pick_clips(heldout, min(cfg.data.eval_clips, len(heldout)), cfg.seed, "vae-eval"))
+    if used_ema:
+        report["ema_start_weight"] = ema_start_weight(cfg.ema.decay, step)
+        if report["ema_start_weight"] > EMA_START_WEIGHT_WARNING:
+            log.warning("the exported EMA weights are still %.0f%% the weights the run started from (ema.decay "
+                        "%s over %d steps): a short run needs a shorter horizon, e.g. ema.decay=%s",
+                        100 * report["ema_start_weight"], cfg.ema.decay, step,
+                        suggested_ema_decay(step))
     (tmp / STATS_FILE).write_text(json.dumps(report, indent=1) + "\n")
     (tmp / "export.json").write_text(json.dumps({"step": step, "ema": used_ema}, indent=1) + "\n")
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -564,6 +572,18 @@ def export_vae(cfg: VAETrainConfig, vae, pool: ClipPool, step: int, used_ema: bo
              step, "EMA" if used_ema else "raw", final, report["train_psnr"],
              f", {report['heldout_psnr']:.2f} dB held out" if "heldout_psnr" in report else "")
     return final
+
+
+def ema_start_weight(decay: float, steps: int) -> float:
+    """The share of the starting weights left in an EMA (no warm-up) after `steps` updates: decay ** steps.
+    Measured (session 9): a 487-step decoder run with decay 0.999 exported 61% its start; through it, 100
+    validation targets came back at 21.4 dB PSNR, through its raw weights at 22.4 dB."""
+    return float(decay) ** int(steps)
+
+
+def suggested_ema_decay(steps: int) -> float:
+    """A decay whose horizon is a tenth of the run (at least 10 steps): its start weight ends near e^-10."""
+    return round(1.0 - 1.0 / max(10, steps // 10), 4)
 
 
 def _check_encoder_unchanged(written: Path, init_file: Path) -> None:
