@@ -770,6 +770,14 @@ def test_card_reports_the_config_the_export_was_trained_with(tiny_run, tmp_path)
             (final / name).write_bytes(content)
 
 
+def test_card_names_a_decoder_trained_behind_the_frozen_encoder():
+    stats = {"step": 480, "trainable": "decoder", "decoder_base_dim": 16, "heldout_psnr": 22.0}
+    assert shapes.decoder_card(stats) == {"decoder": {
+        "trained": "behind the frozen encoder (train/vae_train.py trainable: decoder)", "base_dim": 16,
+        "last_run_steps": 480}}
+    assert shapes.decoder_card({"step": 5500, "trainable": "all"}) == {} == shapes.decoder_card({})
+
+
 @pytest.mark.slow
 def test_card_records_a_continued_models_lineage(tiny_run, tmp_path):
     run, out = tiny_run["run"], tiny_run["out"]

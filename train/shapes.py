@@ -757,6 +757,15 @@ def trained_steps(run: Run, stage: str) -> int:
     return export["step"] if "step" in export else final_config(run, stage).train.max_steps
 
 
+def decoder_card(stats: dict) -> dict:
+    """A VAE whose decoder was (re)trained behind the frozen encoder (train/vae_train.py trainable: decoder):
+    the encoder is the run's, the decoder's width and last steps are these (the lineage has the history)."""
+    if stats.get("trainable") != "decoder":
+        return {}
+    return {"decoder": {"trained": "behind the frozen encoder (train/vae_train.py trainable: decoder)",
+                        "base_dim": stats.get("decoder_base_dim"), "last_run_steps": stats.get("step")}}
+
+
 def base_card(run: Run, demo: dict) -> dict:
     import torch
     s0, s1 = (final_config(run, s) for s in ("stage0", "stage1"))
@@ -780,7 +789,8 @@ def base_card(run: Run, demo: dict) -> dict:
             "vae": {"base_dim": vae_cfg["model"]["base_dim"], "z_dim": 16, "steps": vae_cfg["max_steps"],
                     "heldout_psnr_db": stats.get("heldout_psnr"), "train_psnr_db": stats.get("train_psnr"),
                     "latent_normalisation": "measured mean/std folded into quant_conv/post_quant_conv so the "
-                                            "Wan2.1 constants normalise it (train/vae_train.py)"},
+                                            "Wan2.1 constants normalise it (train/vae_train.py)",
+                    **decoder_card(stats)},
             **_read_json(run.path("encoders", "encoders.json"))},
         "training": {"stage0_steps": trained_steps(run, "stage0"), "stage1_steps": trained_steps(run, "stage1"),
                      "batch_size": s0.train.batch_size, "stage0_lr": s0.optim.lr, "stage1_lr": s1.optim.lr,
