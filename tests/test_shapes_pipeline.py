@@ -356,11 +356,45 @@ def test_background_psnr_motion_and_temporal_metrics_against_direct_computations
     assert motion["motion_frames"] > 0 and motion["motion_lost"] == 0
     assert motion["motion_error"] == pytest.approx(2.0, abs=0.25)
 
+    assert motion["motion_position_error"] == pytest.approx(motion["motion_error"])  # nothing lost
+    assert 0 < motion["motion_visible_frames"] <= motion["motion_frames"] and motion["motion_visible_lost"] == 0
+
     frozen = np.repeat(case.target[:1], case.target.shape[0], axis=0)
     temporal = ev.temporal_consistency(case, frozen)
     diffs = np.abs(np.diff(case.target, axis=0)).mean(axis=(1, 2, 3))
     assert temporal["temporal_ratio"] == 0.0
     assert temporal["temporal_gap"] == pytest.approx(diffs.mean() * 255, rel=1e-5)
+
+
+def test_motion_parts_separate_slivers_from_clearly_visible_frames(heldout):
+    """Paint one kept object grey in its least and its most visible frame: both count as lost in the motion
+    error; only the most visible one in the clearly-visible part; the position error ignores both."""
+    def sliver_objects():  # (case, pixels, sliver frame, most visible frame) of kept objects with a sliver
+        for row in ev.read_cases(heldout, kinds=["background"]):
+            case = ev.load_case(row)
+            for j, color in ev.unedited_objects(case):
+                window = ev.dilate(case.target_visible[j] >= ev.MASK_COVERAGE, ev.TRACK_DILATE)
+                pixels = ev.color_pixels(case.target, color) & window
+                counts = pixels.sum(axis=(1, 2))
+                tracked = np.flatnonzero(counts >= ev.MIN_TRACK_PIXELS)
+                small, large = tracked[np.argmin(counts[tracked])], tracked[np.argmax(counts[tracked])]
+                if counts[small] < ev.VISIBLE_SHARE * counts[large]:
+                    yield case, pixels, small, large
+
+    case, pixels, small, large = next(sliver_objects())
+    output = case.target.copy()
+    for k in (small, large):
+        output[k][pixels[k]] = 0.5  # grey: no longer this object's colour
+    clean, painted = ev.motion_error(case, case.target), ev.motion_error(case, output)
+    assert clean["motion_error"] == clean["motion_position_error"] == clean["motion_visible_error"] == 0.0
+    assert painted["motion_lost"] == 2 and painted["motion_visible_lost"] == 1
+    assert painted["motion_error"] == pytest.approx(2 * ev.LOST_ERROR / painted["motion_frames"])
+    assert painted["motion_visible_error"] == pytest.approx(ev.LOST_ERROR / painted["motion_visible_frames"])
+    assert painted["motion_position_error"] == 0.0
+    summary = ev.summarize([{**ev.score(case, output), "success": None}])["all"]
+    assert summary["motion_visible_lost"] == pytest.approx(1 / painted["motion_visible_frames"])
+    table = ev.markdown_tables({"painted": ev.summarize([ev.score(case, output)])})
+    assert "| method | motion error (px) | lost | position error where found (px) |" in table
 
 
 def test_eval_writes_tables_and_plots_and_refuses_bad_inputs(heldout, train_set, tmp_path):
