@@ -5,8 +5,8 @@
 #
 #   bash scripts/vae_decoder_gpu.sh WORK PARTS_OUT NAME:DECODER_WIDTH:LR [NAME:DECODER_WIDTH:LR ...]
 #     e.g. dec12:12:1e-4 (fine-tune the bundle's width-12 decoder)  dec24:24:3e-4 (a fresh, wider decoder)
-#   env: INIT (the VAE file; default the bundle's), CLIPS (training clips, 4000), MINUTES (6 per decoder),
-#        BATCH (32), WORKERS (16 data-generation processes)
+#   env: INIT (the VAE file; default the bundle's), CLIPS (training clips, 4000), HELDOUT (held-out clips for
+#        the exports' PSNR, 100), MINUTES (6 per decoder), BATCH (32), WORKERS (16 data-generation processes)
 #
 # Writes WORK/NAME/final (vae.safetensors, latent_stats.json, ...) and WORK/NAME.log, and packs the finals and
 # logs into PARTS_OUT/decoders.tgz.part-aa, -ab, ... (15 MB each). Unpack: cat PARTS/decoders.tgz.part-* | tar xz
@@ -24,16 +24,16 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}  # several trainers side by side: n
 WORK=${1:?work folder}; PARTS=${2:?folder for the packed results}; shift 2
 [ $# -ge 1 ] || { echo "give at least one NAME:DECODER_WIDTH:LR" >&2; exit 2; }
 INIT=$(realpath "${INIT:-$ROOT/sama_core/assets/sama-shapes/vae.safetensors}")
-CLIPS=${CLIPS:-4000} MINUTES=${MINUTES:-6} BATCH=${BATCH:-32} WORKERS=${WORKERS:-16}
+CLIPS=${CLIPS:-4000} HELDOUT=${HELDOUT:-100} MINUTES=${MINUTES:-6} BATCH=${BATCH:-32} WORKERS=${WORKERS:-16}
 mkdir -p "$WORK" "$PARTS"
 
 # The bundle's generator settings (train split seed 0: its first 1000 clips are the DiT's training clips).
 t0=$(date +%s)
 "$PY" -m train.synthetic --out "$WORK/data/train" --clips "$CLIPS" --seed 0 --split train --format npz \
   --no-images --workers "$WORKERS" --overwrite > "$WORK/data.log" 2>&1
-"$PY" -m train.synthetic --out "$WORK/data/heldout" --clips 100 --seed 0 --split heldout --format npz \
+"$PY" -m train.synthetic --out "$WORK/data/heldout" --clips "$HELDOUT" --seed 0 --split heldout --format npz \
   --no-images --workers "$WORKERS" --overwrite >> "$WORK/data.log" 2>&1
-echo "data: $CLIPS + 100 clips in $(( $(date +%s) - t0 )) s"
+echo "data: $CLIPS + $HELDOUT clips in $(( $(date +%s) - t0 )) s"
 
 pids=()
 for spec in "$@"; do

@@ -595,6 +595,38 @@ def test_gpu_lease_script_carries_a_run_between_calls_without_its_clips(tmp_path
     assert (tmp_path / "c" / "bundle" / "bundle.json").is_file()
 
 
+def test_decoder_gpu_script_trains_decoders_side_by_side_and_packs_their_exports(tmp_path):
+    """scripts/vae_decoder_gpu.sh at toy size on the CPU (the bundle's VAE, 2 clips, a few seconds of
+    training): the packed export unpacks to a VAE with the bundle's encoder, bit for bit."""
+    import subprocess
+    import tarfile
+
+    from safetensors.torch import load_file
+    script = os.path.join(REPO, "scripts", "vae_decoder_gpu.sh")
+    env = dict(os.environ, PYTHON=sys.executable, CLIPS="2", HELDOUT="1", MINUTES="0.02", BATCH="1",
+               WORKERS="1", OMP_NUM_THREADS="2")
+    done = subprocess.run(["bash", script, str(tmp_path / "work"), str(tmp_path / "parts"), "tuned:12:1e-4"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "data: 2 + 1 clips" in done.stdout and "== tuned:" in done.stdout
+    parts = sorted((tmp_path / "parts").iterdir())
+    assert parts and all(p.name.startswith("decoders.tgz.part-") for p in parts)
+    packed = tmp_path / "packed.tgz"
+    packed.write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(packed) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    final = tmp_path / "unpacked" / "tuned" / "final"
+    stats = json.loads((final / "latent_stats.json").read_text())
+    assert stats["trainable"] == "decoder" and stats["step"] >= 1
+    bundle_vae = load_file(os.path.join(REPO, "sama_core", "assets", "sama-shapes", "vae.safetensors"))
+    tuned = load_file(str(final / "vae.safetensors"))
+    assert all(torch.equal(bundle_vae[k], tuned[k]) for k in bundle_vae if k.startswith(("encoder.", "conv1.")))
+    assert (tmp_path / "unpacked" / "tuned.log").is_file() and (tmp_path / "unpacked" / "data.log").is_file()
+    no_spec = subprocess.run(["bash", script, str(tmp_path / "w2"), str(tmp_path / "p2")], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert no_spec.returncode == 2 and "NAME:DECODER_WIDTH:LR" in no_spec.stderr
+
+
 def test_data_digest_changes_with_any_manifest_line(tmp_path):
     run = shapes.start_run(tmp_path, "tiny", "full", echo=lambda s: None)
     for split in ("train", "heldout"):
