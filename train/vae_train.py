@@ -616,17 +616,19 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
     pool = ClipPool.from_datasets([cfg.resolve_path(d) for d in cfg.data.datasets])
     vae = initial_vae(cfg)
     model = ReconstructionModel(vae).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+    trained = [p for p in model.parameters() if p.requires_grad]  # all, or the decoder side (trainable)
+    optimizer = torch.optim.AdamW(trained, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = EMA(unwrapped.named_parameters(), cfg.ema.decay) if cfg.ema.enabled else None
-    log.info("VAE base_dim %d (decoder %d, training %s%s): %.2fM parameters (%.2fM trained); %d training clips; %d process(es); %d steps of %d single "
-             "frames, then batches of %d x %d frames to step %d", cfg.model.base_dim,
-             decoder_width(unwrapped.vae), cfg.trainable, f" from {cfg.init_from}" if cfg.init_from else "",
-             sum(p.numel() for p in unwrapped.parameters()) / 1e6,
-             sum(p.numel() for p in unwrapped.parameters() if p.requires_grad) / 1e6, len(pool), accelerator.num_processes,
-             cfg.data.image_steps, cfg.data.image_batch_size, cfg.batch_size, cfg.data.num_frames, cfg.max_steps)
+    log.info("VAE base_dim %d (decoder %d, training %s%s): %.2fM parameters (%.2fM trained); %d training "
+             "clips; %d process(es); %d steps of %d single frames, then batches of %d x %d frames to step %d",
+             cfg.model.base_dim, decoder_width(unwrapped.vae), cfg.trainable,
+             f" from {cfg.init_from}" if cfg.init_from else "",
+             sum(p.numel() for p in unwrapped.parameters()) / 1e6, sum(p.numel() for p in trained) / 1e6,
+             len(pool), accelerator.num_processes, cfg.data.image_steps, cfg.data.image_batch_size,
+             cfg.batch_size, cfg.data.num_frames, cfg.max_steps)
 
     step = 0
     resume_from = ckpt.resolve_resume(out, resume)
