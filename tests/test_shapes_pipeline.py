@@ -272,6 +272,34 @@ def test_short_runs_are_warned_about_an_ema_that_still_holds_the_start(train_set
     assert "still 100% the weights the run started from" in caplog.text and "ema.decay=0.9" in caplog.text
 
 
+def test_latent_noise_is_added_to_the_decoded_latent_in_normalised_units(train_set, tmp_path):
+    """loss.latent_noise: the decoder sees z + s * std_wan * e (e drawn after the posterior noise, so a run
+    without it keeps its batches); a decoder-only run with it trains and keeps the encoder."""
+    from train.vae_train import ReconstructionModel
+    pool = ClipPool.from_datasets([train_set])
+    frames, noise = pool.batch(3, 2, 5, seed=0, hflip=True)
+    frames2, noise2, extra = pool.batch(3, 2, 5, seed=0, hflip=True, latent_noise=True)
+    assert torch.equal(frames, frames2) and torch.equal(noise, noise2) and extra.shape == noise.shape
+    vae = build_vae(VAEArchConfig(base_dim=4), seed=0).eval()
+    model = ReconstructionModel(vae)
+    shift = torch.full_like(noise, 0.5)
+    with torch.no_grad():
+        plain, mean, logvar = model(frames, noise)
+        shifted, _, _ = model(frames, noise, shift)
+        z = mean + (0.5 * logvar).exp() * noise + shift
+        assert torch.allclose(shifted, decode_unclamped(vae, z), atol=1e-6) and not torch.equal(plain, shifted)
+
+    base = train_vae(_small_vae_cfg(train_set, tmp_path / "base", 1)) / "vae.safetensors"
+    _reset_accelerate()
+    cfg = _small_vae_cfg(train_set, tmp_path / "noisy", 2)
+    cfg.init_from, cfg.trainable, cfg.loss.latent_noise, cfg.data.image_steps = str(base), "decoder", 0.3, 0
+    stats = json.loads((train_vae(cfg) / "latent_stats.json").read_text())
+    assert stats["trainable"] == "decoder" and stats["step"] == 2
+    with pytest.raises(SamaInputError, match="latent_noise needs trainable: decoder"):
+        vae_config_from_dict({"output_dir": str(tmp_path), "data": {"datasets": [str(train_set)]},
+                              "loss": {"latent_noise": 0.3}})
+
+
 def test_decoder_training_config_errors_name_the_fix(train_set, tmp_path):
     values = {"output_dir": str(tmp_path), "data": {"datasets": [str(train_set)]}, "trainable": "decoder"}
     with pytest.raises(SamaInputError, match="needs init_from"):

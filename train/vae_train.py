@@ -132,6 +132,10 @@ class VAELossConfig:
     # Without it the small VAE spent its capacity on high-contrast background textures and decoded the
     # shapes as grey blobs: colour, the thing SAMA-Shapes edits, was lost (measured on the demo clip).
     lowpass: float = 0.0
+    # Decoder robustness (trainable: decoder only): Gaussian noise of this std, in the DiT's normalised latent
+    # units (per-channel Wan2.1 std), added to the sampled latent before decoding, so that the decoder learns
+    # to decode the imperfect latents a DiT samples, not only the encoder's. 0 = off.
+    latent_noise: float = 0.0
 
 
 @dataclasses.dataclass
@@ -230,7 +234,10 @@ def validate_vae_config(cfg: VAETrainConfig) -> None:
     if cfg.mixed_precision not in ("no", "bf16"):
         raise SamaInputError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r} (fp16 "
                              "overflows in the Wan VAE)")
-    for name in ("l1", "mse", "kl"):
+    if cfg.loss.latent_noise and cfg.trainable != "decoder":
+        raise SamaInputError("loss.latent_noise needs trainable: decoder (the noise is in the units of a finished, "
+                             "normalised encoder's latents)")
+    for name in ("l1", "mse", "kl", "latent_noise"):
         if getattr(cfg.loss, name) < 0:
             raise SamaInputError(f"loss.{name} must be >= 0, got {getattr(cfg.loss, name)}")
 
@@ -279,8 +286,9 @@ class ClipPool:
         return load_clip(self.paths[index])  # (F, H, W, 3) in [0, 1]
 
     def batch(self, step: int, global_batch: int, num_frames: int, seed: int, hflip: bool,
-              z_dim: int = LATENT_CHANNELS) -> tuple[torch.Tensor, torch.Tensor]:
-        """(frames (B, 3, F, H, W) in [-1, 1], posterior noise (B, z, T, H/8, W/8)) of a global batch."""
+              z_dim: int = LATENT_CHANNELS, latent_noise: bool = False):
+        """(frames (B, 3, F, H, W) in [-1, 1], posterior noise (B, z, T, H/8, W/8)) of a global batch, and with
+        latent_noise a third tensor like the second (for loss.latent_noise), drawn after it."""
         g = torch.Generator().manual_seed(derive_seed(seed, "vae-batch", step))
         windows = []
         for index in torch.randint(len(self.paths), (global_batch,), generator=g).tolist():
@@ -296,6 +304,8 @@ class ClipPool:
         frames = torch.stack(windows)  # (B, 3, F, H, W)
         b, _, f, h, w = frames.shape
         noise = torch.randn((b, z_dim, 1 + (f - 1) // 4, h // 8, w // 8), generator=g)
+        if latent_noise:
+            return frames, noise, torch.randn(noise.shape, generator=g)
         return frames, noise
 
 
@@ -397,12 +407,14 @@ class ReconstructionModel(torch.nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, frames: torch.Tensor, noise: torch.Tensor):
+    def forward(self, frames: torch.Tensor, noise: torch.Tensor, extra: Optional[torch.Tensor] = None):
         # A frozen encoder (trainable: decoder) runs without a graph: half the memory, no backward through it.
         frozen = not any(p.requires_grad for p in self.vae.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             posterior = self.vae.encode(frames).latent_dist
         z = posterior.mean + posterior.std * noise.to(posterior.mean)  # (B, 16, T, h, w)
+        if extra is not None:  # loss.latent_noise, already scaled to raw latent units
+            z = z + extra.to(z)
         return decode_unclamped(self.vae, z), posterior.mean, posterior.logvar
 
 
@@ -630,6 +642,8 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
              len(pool), accelerator.num_processes, cfg.data.image_steps, cfg.data.image_batch_size,
              cfg.batch_size, cfg.data.num_frames, cfg.max_steps)
 
+    # loss.latent_noise is in normalised units: raw latent = normalised * Wan2.1 std + mean (sama_core.vae).
+    latent_noise_scale = cfg.loss.latent_noise * torch.tensor(WAN21_LATENTS_STD).view(1, -1, 1, 1, 1)
     step = 0
     resume_from = ckpt.resolve_resume(out, resume)
     if resume_from is not None:
@@ -646,11 +660,13 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         num_frames, batch_size = phase(cfg, step)
-        frames, noise = pool.batch(step, batch_size * accelerator.num_processes, num_frames, cfg.seed,
-                                   cfg.data.hflip)
+        frames, noise, *extra = pool.batch(step, batch_size * accelerator.num_processes, num_frames, cfg.seed,
+                                           cfg.data.hflip, latent_noise=bool(cfg.loss.latent_noise))
         part = slice(rank * batch_size, (rank + 1) * batch_size)  # this process's share
+        extra = (extra[0][part] * latent_noise_scale).to(accelerator.device) if extra else None
         with accelerator.autocast():
-            recon, mean, logvar = model(frames[part].to(accelerator.device), noise[part].to(accelerator.device))
+            recon, mean, logvar = model(frames[part].to(accelerator.device), noise[part].to(accelerator.device),
+                                        extra)
         loss = reconstruction_loss(recon, frames[part].to(accelerator.device), mean, logvar, cfg.loss)
         accelerator.backward(loss.total)
         if cfg.optim.max_grad_norm:
