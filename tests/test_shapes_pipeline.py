@@ -772,8 +772,10 @@ def test_compare_puts_the_arms_in_one_table_with_the_claims(tmp_path, capsys):
     assert shapes.main(["compare", "--runs", str(tmp_path / "c"), str(tmp_path / "a"), str(tmp_path / "b"),
                         "--out", str(out)]) == 0
     table = (out / "results.md").read_text()
-    names = [line.split(" | ")[0][2:] for line in table.splitlines() if line.startswith("| (") or
+    main_table = table.split("| method |")[1].split("\n\n")[0]  # the first table (the others repeat the rows)
+    names = [line.split(" | ")[0][2:] for line in main_table.splitlines() if line.startswith("| (") or
              line.startswith("| copy") or line.startswith("| ground")]
+    assert table.count("| (a) full SAMA |") == 2  # the main table and the motion-in-parts table
     assert names == ["(a) full SAMA", "(b) without semantic anchoring", "(c) without motion alignment",
                      "(d) stage 0 only (zero-shot)", "(b) stage 0 only", "(c) stage 0 only",
                      "copy (output = source)", "ground truth"]
