@@ -494,6 +494,8 @@ def test_eval_extra_vae_rows_decode_the_bundles_dit_with_another_vae(heldout, tm
     with pytest.raises(SamaInputError, match="given twice"):
         ev.parse_named_files([f"a={same}", f"a={brighter}"], "--extra-vae")
     assert ev.main(["--data", str(heldout), "--extra-vae", f"a={same}"]) == 2  # needs --bundle
+    with pytest.raises(SamaInputError, match="already a row"):
+        ev.bundle_methods(bundle, {}, 2, 0, "SAMA-Shapes", [], extra_vaes={"SAMA-Shapes": str(same)})
 
 
 # ------------------------------------------------------------------------------------- orchestration

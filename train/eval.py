@@ -550,6 +550,9 @@ def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], see
         for extra, dit in extra_dits.items():
             models[extra] = SamaPipeline.from_bundle(bundle, device="cpu", dtype="fp32", dit=dit)
         for extra, vae in extra_vaes.items():
+            if extra in models:
+                raise SamaInputError(f"--extra-vae {extra!r}: that name is already a row (the bundle's --name or "
+                                     "an --extra-dit); give the VAE another name")
             models[extra] = SamaPipeline.from_bundle(bundle, device="cpu", dtype="fp32", vae=vae)
         for row, model in models.items():
             for guidance in guidances:
