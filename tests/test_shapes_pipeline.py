@@ -468,6 +468,31 @@ def test_eval_guidance_sweep_gives_a_row_per_value_and_the_default_is_the_bundle
     assert ev.main([*common, "--guidance", "2,fast"]) == 2
 
 
+def test_eval_shift_and_steps_reach_the_sampler_and_bad_values_are_refused(heldout, tmp_path, capsys,
+                                                                           monkeypatch):
+    from sama_core.bundle import write_tiny_random_bundle
+    bundle = write_tiny_random_bundle(tmp_path / "bundle", defaults={"steps": 2, "shift": 5.0})
+    common = ["--bundle", str(bundle), "--data", str(heldout), "--limit", "1", "--kinds", "color",
+              "--baselines", ""]
+
+    def progress(*extra):
+        out = tmp_path / "_".join(extra or ("default",))
+        assert ev.main([*common, "--out", str(out), *extra]) == 0
+        return json.loads((out / "per_edit.jsonl").read_text().splitlines()[0])["progress"]
+    default = progress()
+    assert progress("--shift", "5") == default      # the bundle's shift, given explicitly
+    assert progress("--shift", "1.5") != default
+    assert progress("--steps", "3") != default
+    for bad, message in ((["--shift", "0"], "--shift must be a positive number"),
+                         (["--shift", "nan"], "--shift must be a positive number"),
+                         (["--steps", "0"], "--steps must be at least 1")):
+        assert ev.main([*common, *bad]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: refused before any sampling
+    assert ev.main([*common, "--out", str(tmp_path / "noplot")]) == 2
+    assert "pip install" in capsys.readouterr().err and not (tmp_path / "noplot").exists()
+
+
 def test_eval_extra_vae_rows_decode_the_bundles_dit_with_another_vae(heldout, tmp_path):
     from safetensors.torch import load_file, save_file
 

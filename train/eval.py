@@ -426,6 +426,14 @@ def markdown_tables(summaries: dict[str, dict], header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SamaInputError("train.eval draws its plots with matplotlib, which is not installed: "
+                             "pip install -r requirements.txt (or pip install matplotlib)") from None
+
+
 def plot(summaries: dict[str, dict], path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -533,12 +541,13 @@ def guidance_row(name: str, guidance: Optional[float], sweep: bool) -> str:
 
 def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], seed: int, name: str,
                    baselines: list[str], guidances: tuple = (None,),
-                   extra_vaes: Optional[dict[str, str]] = None) -> dict[str, Method]:
+                   extra_vaes: Optional[dict[str, str]] = None, shift: Optional[float] = None) -> dict[str, Method]:
     """The methods to evaluate. guidances: the bundle's default (None) or given values; with more than one,
     every model gets a row per value ("NAME (guidance G)"), e.g. to choose the bundle's default on a
     validation set (a held-out split drawn with another seed) rather than on the test set.
     extra_vaes: other VAE files for the bundle's DiT (e.g. a decoder from train.vae_train's trainable:
-    decoder): a row "NAME" each, and with the 'vae' baseline a "VAE(target) NAME" row each."""
+    decoder): a row "NAME" each, and with the 'vae' baseline a "VAE(target) NAME" row each.
+    steps / shift: the sampler's (None: the bundle's defaults)."""
     from sama_core.pipeline import SamaPipeline
     methods: dict[str, Method] = {}
     pipe = None
@@ -556,7 +565,7 @@ def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], see
             models[extra] = SamaPipeline.from_bundle(bundle, device="cpu", dtype="fp32", vae=vae)
         for row, model in models.items():
             for guidance in guidances:
-                options = model.sampler_options(steps=steps, seed=seed, guidance=guidance)
+                options = model.sampler_options(steps=steps, seed=seed, guidance=guidance, shift=shift)
                 methods[guidance_row(row, guidance, sweep)] = pipeline_method(model, options)
     elif extra_dits or extra_vaes:
         raise SamaInputError("--extra-dit / --extra-vae need --bundle (for the other components)")
@@ -626,6 +635,9 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N held-out clips (each has 5 edits)")
     parser.add_argument("--kinds", default=",".join(EDIT_KINDS), help="edit kinds to evaluate")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
+    parser.add_argument("--shift", type=float, default=None,
+                        help="the flow-matching schedule's shift (default: the bundle's); lower spends more of "
+                             "the steps at low noise")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", default=None, metavar="G[,G...]",
                         help="guidance scale (default: the bundle's); several values give a row per value")
@@ -633,8 +645,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        require_matplotlib()  # before minutes of sampling, not at the end when the plots are drawn
         if args.limit is not None and args.limit < 1:
             raise SamaInputError(f"--limit must be at least 1, got {args.limit}")
+        if args.steps is not None and args.steps < 1:
+            raise SamaInputError(f"--steps must be at least 1, got {args.steps}")
+        if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+            raise SamaInputError(f"--shift must be a positive number (the bundle uses 5), got {args.shift}")
         extra, extra_vaes = parse_named_files(args.extra_dit, "--extra-dit"), parse_named_files(args.extra_vae,
                                                                                               "--extra-vae")
         if args.train_data:
@@ -642,7 +659,7 @@ def main(argv=None) -> int:
         rows = read_cases(args.data, args.limit, [k.strip() for k in args.kinds.split(",") if k.strip()])
         baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
         methods = bundle_methods(args.bundle, extra, args.steps, args.seed, args.name, baselines,
-                                 parse_guidances(args.guidance), extra_vaes)
+                                 parse_guidances(args.guidance), extra_vaes, args.shift)
         out = Path(args.out) if args.out else Path(args.data).resolve().parent / "eval"
         report = evaluate(methods, rows, out, progress=True)
     except SamaError as e:
