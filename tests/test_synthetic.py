@@ -338,8 +338,8 @@ def test_write_dataset_manifests_resolve_and_round_trip(tmp_path):
     def rows(name):
         return [json.loads(line) for line in (out / name).read_text().splitlines()]
 
-    expected_keys = {"video_edits.jsonl": {"source_video", "target_video", "instruction"},
-                     "image_edits.jsonl": {"source_image", "target_image", "instruction"},
+    expected_keys = {"video_edits.jsonl": {"source_video", "target_video", "instruction", "keep_mask"},
+                     "image_edits.jsonl": {"source_image", "target_image", "instruction", "keep_mask"},
                      "raw_videos.jsonl": {"video", "caption"}}
     for name, keys in expected_keys.items():
         for row in rows(name):
@@ -370,6 +370,32 @@ def test_write_dataset_manifests_resolve_and_round_trip(tmp_path):
 
     with pytest.raises(SamaInputError, match="already holds a dataset"):
         syn.write_dataset(out, 1, seed=5, config=SMALL, video_format="npz")
+
+
+def test_keep_masks_are_the_untouched_objects_and_the_edit_leaves_them_exact(tmp_path, clips):
+    """keep_mask(): the target's object pixels outside the edit mask: every object the instruction does not
+    name shows there (where the edit does not cover it), the edited object never, and source == target on
+    it; the files in the manifests hold the same mask (video: every frame; image: its frame)."""
+    for clip in clips:
+        for e in clip.edits:
+            keep = syn.keep_mask(e).numpy()
+            assert not (keep & e.mask.numpy()).any()
+            assert np.array_equal(keep, e.target.object_masks().numpy().any(0) & ~e.mask.numpy())
+            if e.edit.kind in ("color", "shape"):
+                assert not (keep & e.target.object_masks()[e.edit.object_index].numpy()).any()
+            np.testing.assert_array_equal(clip.source.frames.numpy()[keep], e.target.frames.numpy()[keep])
+    assert any(syn.keep_mask(e).any() for c in clips for e in c.edits if e.edit.kind == "remove")
+    out = tmp_path / "ds"
+    syn.write_dataset(out, 1, seed=5, config=SMALL, video_format="mp4")  # masks stay lossless with mp4 clips
+    clip = syn.generate_clip(5, 0, "train", SMALL)
+    videos = [json.loads(line) for line in (out / "video_edits.jsonl").read_text().splitlines()]
+    images = [json.loads(line) for line in (out / "image_edits.jsonl").read_text().splitlines()]
+    for e, video, image in zip(clip.edits, videos, images, strict=True):
+        keep = syn.keep_mask(e).numpy()
+        assert video["keep_mask"].endswith(".npz")
+        assert np.array_equal(syn.load_clip(out / video["keep_mask"]).numpy(), np.repeat(keep[..., None], 3, -1))
+        png = np.asarray(Image.open(out / image["keep_mask"]))
+        assert np.array_equal(png > 127, np.repeat(keep[e.image_frame][..., None], 3, -1))
 
 
 def test_safetensors_and_mp4_clips_read_back(tmp_path):

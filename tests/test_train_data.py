@@ -71,10 +71,12 @@ def test_manifest_rows_aliases_and_relative_paths(tmp_path):
         {"video": "k.mp4", "caption": "a dog runs"},
         "",
         {"video": "l.mp4", "prompt": "a cat sleeps", "width": 64, "height": 32, "num_frames": 9},
+        {"source_video": "a.mp4", "target_video": "b.mp4", "instruction": "make it red", "keep_mask": "keep.npz"},
     ])
     rows = read_manifest(manifest)
     folder = (tmp_path / "sub").resolve()
-    assert [r.kind for r in rows] == [VIDEO_EDIT] * 3 + [IMAGE_EDIT] * 2 + [RAW_VIDEO] * 2
+    assert [r.kind for r in rows] == [VIDEO_EDIT] * 3 + [IMAGE_EDIT] * 2 + [RAW_VIDEO] * 2 + [VIDEO_EDIT]
+    assert rows[7].keep == str(folder / "keep.npz") and rows[0].keep is None
     assert rows[0].source == str(folder / "a.mp4") and rows[0].target == str(folder / "b.mp4")
     assert rows[1].source == str(folder / "c.mp4") and rows[1].target == "/abs/d.mp4"
     assert rows[1].text == "make it blue" and rows[2].source == str(folder / "e.mp4")
@@ -90,6 +92,7 @@ def test_manifest_rows_aliases_and_relative_paths(tmp_path):
     ('{"target_image": "b.png", "instruction": "x"}', "lacks source \\(source_image/original_image/image\\)"),
     ('{"foo": 1}', "cannot tell what this row is"),
     ('{"video": "a.mp4", "caption": "   "}', "caption is empty"),
+    ('{"video": "a.mp4", "caption": "c", "keep_mask": "k.npz"}', "keep_mask belongs to edit rows"),
 ])
 def test_manifest_errors_name_file_and_line(tmp_path, line, message):
     manifest = write_jsonl(tmp_path / "m.jsonl", [line])

@@ -199,6 +199,64 @@ def test_raw_and_cached_training_agree_and_validation_writes_videos(ws, tmp_path
     assert [v.name for v in videos] == ["sample-0.mp4"] and videos[0].stat().st_size > 0
 
 
+@pytest.fixture(scope="module")
+def shapes_with_keep(tmp_path_factory):
+    """One SAMA-Shapes clip (32x32, 9 frames, npz) with its five edits, their image pairs and keep masks."""
+    from train.synthetic import SynthConfig, write_dataset
+    out = tmp_path_factory.mktemp("shapes_keep")
+    write_dataset(out, 1, seed=3, config=SynthConfig(width=32, height=32, num_frames=9), video_format="npz")
+    return out
+
+
+def independent_latent_grid(mask):
+    """(F, H, W) -> (T, H/8, W/8) by loops: the largest value over each latent cell's frames and pixels."""
+    groups = [[0]] + [list(range(1 + 4 * t, 5 + 4 * t)) for t in range((mask.shape[0] - 1) // 4)]
+    out = torch.zeros(len(groups), mask.shape[1] // 8, mask.shape[2] // 8)
+    for t, frames in enumerate(groups):
+        for i in range(out.shape[1]):
+            for j in range(out.shape[2]):
+                out[t, i, j] = mask[frames, 8 * i:8 * i + 8, 8 * j:8 * j + 8].max()
+    return out
+
+
+def test_keep_masks_go_from_the_manifest_through_the_cache_and_weight_the_loss(ws, tmp_path, shapes_with_keep):
+    """SAMA-Shapes' keep masks: the cache's <id>/keep is the mask file on the latent grid (an independent
+    computation), raw and cached training agree with train.keep_region_weight, and the weight changes the loss."""
+    import numpy as np
+    from train.synthetic import load_clip
+    data = shapes_with_keep
+    common = ["train.max_steps=2", "checkpoint.every=2", "model.init_from=null", "model.preset=tiny",
+              "model.config={text_dim: 24, siglip_dim: 48, siglip_hidden_dim: 40, dim: 64, ffn_dim: 96, "
+              "num_heads: 2, freq_dim: 32}", "train.batch_size=2", "data.buckets=[[32, 32]]", "data.frame_buckets=[9]",
+              f"data.manifests=[{data / 'video_edits.jsonl'}, {data / 'image_edits.jsonl'}]",
+              "train.edit_region_weight=5"]
+    cache = tmp_path / "c"
+    cached = config(ws, "config_stage1", f"output_dir={tmp_path / 'cached'}", f"data.cache_dir={cache}",
+                    "train.keep_region_weight=10", *common)
+    build_cache(cached)
+    index = json.loads((cache / CACHE_INDEX).read_text())
+    seen = {"video_edit": 0, "image_edit": 0}
+    for sample in index["samples"]:
+        with safe_open(str(cache / sample["shard"]), "pt") as f:
+            keep = f.get_tensor(f"{sample['id']}/keep")
+        manifest, line = sample["where"].rsplit(":", 1)
+        row = json.loads(open(manifest).read().splitlines()[int(line) - 1])
+        if sample["kind"] == "video_edit":
+            mask = load_clip(data / row["keep_mask"])[..., 0]  # (F, H, W)
+        else:
+            from PIL import Image
+            mask = torch.from_numpy(np.asarray(Image.open(data / row["keep_mask"]), dtype=np.float32)[None, ..., 0] / 255)
+        torch.testing.assert_close(keep, independent_latent_grid(mask))
+        seen[sample["kind"]] += 1
+    assert seen == {"video_edit": 5, "image_edit": 5}
+    raw = config(ws, "config_stage1", f"output_dir={tmp_path / 'raw'}", "train.keep_region_weight=10", *common)
+    off = config(ws, "config_stage1", f"output_dir={tmp_path / 'off'}", f"data.cache_dir={cache}", *common)
+    raw_run, cached_run, off_run = train(raw), train(cached), train(off)
+    for a, b in zip(raw_run.history, cached_run.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert raw_run.history[0]["loss"] != pytest.approx(off_run.history[0]["loss"], rel=1e-4)
+
+
 def test_prompt_dropout_drops_the_same_prompts_from_raw_data_and_from_the_cache(ws, tmp_path):
     """train.prompt_dropout: the negative prompt's rows come from the encoders (raw data) or the cache's
     extras; both paths give the same losses, which differ from training without dropout."""

@@ -179,6 +179,46 @@ def test_optimizer_step_optimises_the_edit_weighted_loss_from_the_config(tmp_pat
     assert reported[20.0] != pytest.approx(reported[0.0], rel=1e-3)
 
 
+def test_keep_masks_in_the_cache_reach_the_loss_with_the_configured_weight(tmp_path):
+    """A cache sample's "keep" (T, h, w) comes back in the collated batch, and train.keep_region_weight
+    weights the step's loss with it (an independent call of train.losses)."""
+    from accelerate import Accelerator
+    from train.cache import CachedFeatureDataset, collate_features
+    from train.data import BatchItem
+    from train.losses import training_loss
+    samples = random_samples(n_edit=2, n_raw=0)
+    g = torch.Generator().manual_seed(3)
+    masks = [(torch.rand(s["target"].shape[1:], generator=g) > 0.7).float() for s in samples]
+    for s, m in zip(samples, masks, strict=True):
+        s["keep"] = m
+    cfg = loop_config(tmp_path)
+    write_cache(cfg, samples)
+    ds = CachedFeatureDataset(cfg.resolve_path(cfg.data.cache_dir))
+    batch = collate_features([ds[BatchItem(i, "-", 1000 + i)] for i in (0, 1)])
+    assert torch.equal(batch["keep"], torch.stack(masks))
+    reported = {}
+    for weight in (0.0, 10.0):
+        reset_accelerate()
+        cfg = loop_config(tmp_path, train={"edit_region_weight": 5.0, "keep_region_weight": weight})
+        accelerator = Accelerator(cpu=True)
+        model = small_dit().train()
+        with torch.no_grad():
+            expected, _ = training_loss(model, batch, cfg.sigma, cfg.train.semantic_loss_weight, edit_weight=5.0,
+                                        edit_threshold=cfg.train.edit_region_threshold, keep_weight=weight)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        sums = optimizer_step(accelerator, model, optimizer, [batch], cfg, lambda b: b, list(model.parameters()))
+        reported[weight] = sums["loss_sums"][1].item()
+        assert reported[weight] == pytest.approx(expected.video.item(), rel=1e-5)
+    assert reported[10.0] != pytest.approx(reported[0.0], rel=1e-4)  # 10x the agreement asked above
+    # a batch where only some samples have a mask: zeros for the others
+    samples[1].pop("keep")
+    write_cache(loop_config(tmp_path, cache="cache2"), samples)
+    ds = CachedFeatureDataset(tmp_path / "cache2")
+    mixed = collate_features([ds[BatchItem(i, "-", 1000 + i)] for i in (0, 1)])
+    assert torch.equal(mixed["keep"][0], masks[0]) and not mixed["keep"][1].any()
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     from accelerate import Accelerator
     batch = cached_batch(tmp_path, [0, 1])

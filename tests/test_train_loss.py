@@ -173,6 +173,52 @@ def test_edit_region_weighting_skips_batches_without_a_matching_source():
     torch.testing.assert_close(weighted.video, flow_matching_loss(pred, None, batch, draw).video)
 
 
+def test_keep_region_weighting_adds_kappa_times_the_keep_mask_to_the_weight():
+    """train.keep_region_weight: w = 1 + lambda * clamp(d / tau) + kappa * keep per latent position, against
+    an independent weighted mean; a batch without keep masks (or kappa 0) is the edit-weighted loss."""
+    batch = feature_batch(semantic=0)
+    target = batch["target"]
+    source = target.clone()
+    source[0, :, 1, 2, 3] += 1.0                     # sample 0 edits one position
+    batch["source"] = source
+    keep = torch.zeros(target.shape[0], *target.shape[2:])
+    keep[0, 0, 1, 1] = 1.0                           # a kept object in sample 0 ...
+    keep[0, 2, 0, 3] = 0.5                           # ... a soft mask value
+    keep[1, 1, 2, 2] = 1.0                           # and one in sample 1, which edits nothing
+    draw = fixed_draw(batch, [0.4, 0.7])
+    pred = torch.randn(target.shape, generator=torch.Generator().manual_seed(5))
+    lam, kappa = 20.0, 8.0
+    without = flow_matching_loss(pred, None, batch, draw, edit_weight=lam)
+    parts = flow_matching_loss(pred, None, dict(batch, keep=keep), draw, edit_weight=lam, keep_weight=kappa)
+
+    squared = (pred - (draw.noise - target)) ** 2
+    expected = []
+    for i in range(2):
+        w = torch.ones(target.shape[2:])
+        if i == 0:
+            w[1, 2, 3] += lam
+            w[0, 1, 1] += kappa
+            w[2, 0, 3] += kappa * 0.5
+        else:
+            w[1, 2, 2] += kappa
+        expected.append((squared[i] * w).sum() / (w.sum() * target.shape[1]))
+    torch.testing.assert_close(parts.video, torch.stack(expected).mean(), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(parts.video, without.video)
+    torch.testing.assert_close(flow_matching_loss(pred, None, dict(batch, keep=keep), draw, edit_weight=lam).video,
+                               without.video)
+    torch.testing.assert_close(flow_matching_loss(pred, None, batch, draw, edit_weight=lam, keep_weight=kappa).video,
+                               without.video)
+
+
+def test_keep_masks_off_the_latent_grid_are_refused():
+    from sama_core.errors import SamaInputError
+    batch = feature_batch(semantic=0)
+    draw = fixed_draw(batch, [0.4, 0.7])
+    wrong = torch.zeros(2, 3, 8, 8)                  # pixel-sized, not (B, T, h, w) of the latents
+    with pytest.raises(SamaInputError, match="keep masks .* do not match its latents"):
+        flow_matching_loss(torch.zeros_like(batch["target"]), None, dict(batch, keep=wrong), draw, keep_weight=1.0)
+
+
 def test_bad_edit_region_and_dropout_settings_are_refused_with_the_key_name():
     from sama_core.errors import SamaInputError
     from train.config import TrainConfig, validate
@@ -181,7 +227,10 @@ def test_bad_edit_region_and_dropout_settings_are_refused_with_the_key_name():
     cfg.train.edit_region_weight = -1.0
     with pytest.raises(SamaInputError, match="train.edit_region_weight must be >= 0"):
         validate(cfg)
-    cfg.train.edit_region_weight, cfg.train.edit_region_threshold = 5.0, 0.0
+    cfg.train.edit_region_weight, cfg.train.keep_region_weight = 5.0, -0.5
+    with pytest.raises(SamaInputError, match="train.keep_region_weight must be >= 0"):
+        validate(cfg)
+    cfg.train.keep_region_weight, cfg.train.edit_region_threshold = 0.0, 0.0
     with pytest.raises(SamaInputError, match="train.edit_region_threshold must be positive"):
         validate(cfg)
     cfg.train.edit_region_threshold, cfg.train.prompt_dropout = 0.25, 1.5

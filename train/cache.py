@@ -9,6 +9,8 @@ Layout of `data.cache_dir`:
                                  <id>/source/<pretext>        perturbed-source latents (raw videos)
                                  <id>/text  or <id>/text/<pretext>   (L, text_dim) real token rows only
                                  <id>/semantic                (65 N, siglip_dim) anchor tokens
+                                 <id>/keep                    (T, h, w) the row's keep mask on the latent
+                                                              grid (edits with "keep_mask" only)
                                and in the metadata, "samples": JSON of each sample's kind, bucket, valid
                                latent frames and pretexts, and "skipped": the rows that failed to decode.
     extras.safetensors         the negative prompt's rows (for validation sampling)
@@ -41,9 +43,9 @@ from sama_core.errors import SamaInputError
 from sama_core.pretext import NO_PRETEXT
 from sama_core.prompts import negative_prompt
 
-from .data import (LOAD_ERRORS, RAW_VIDEO, DataIndex, derive_seed, index_key, load_or_build_index, make_source,
-                   pretext_names_in, prompt_for, RawMediaDataset)
-from .features import DTYPES, FeatureEncoders, latent_frames_of, pad_rows, valid_latent_frames
+from .data import (LOAD_ERRORS, RAW_VIDEO, DataIndex, derive_seed, index_key, keep_masks, load_or_build_index,
+                   make_source, pretext_names_in, prompt_for, RawMediaDataset)
+from .features import DTYPES, FeatureEncoders, latent_frames_of, latent_grid_mask, pad_rows, valid_latent_frames
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,8 @@ def encode_sample(dataset: RawMediaDataset, encoders: FeatureEncoders, index: in
                 memo[key] = latents[1]
         texts["text"] = encoders.text_rows([loaded["prompt"]])[0]
     tensors.update(texts)
+    if loaded.get("keep") is not None:
+        tensors["keep"] = latent_grid_mask(loaded["keep"][None], tensors["target"].shape[1:])[0]
     if loaded["anchors"] is not None:
         tensors["semantic"] = encoders.anchor_tokens(loaded["anchors"][None])[0]
     tensors = {k: v.detach().to("cpu", store).contiguous() for k, v in tensors.items()}
@@ -365,8 +369,10 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
             else:
                 source, text = get("source"), get("text")
             semantic = get("semantic") if self.semantic and f"{sid}/semantic" in names else None
+            keep = get("keep") if f"{sid}/keep" in names else None
             target = get("target")
         return {"index": item.index, "target": target, "source": source, "text": text, "semantic": semantic,
+                "keep": keep,
                 "valid_latent_frames": s["valid_latent_frames"], "seed": item.seed, "pretext": item.pretext,
                 "skipped": []}
 
@@ -382,6 +388,7 @@ def collate_features(items: list[dict]) -> dict:
         "source": torch.stack([it["source"] for it in items]) if has_source.pop() else None,
         "context": pad_rows([it["text"] for it in items]),
         "semantic": torch.stack(semantic) if semantic[0] is not None else None,
+        "keep": keep_masks(items),
         "valid_latent_frames": torch.tensor([it["valid_latent_frames"] for it in items]),
         "seeds": torch.tensor([it["seed"] for it in items], dtype=torch.int64),
         "indices": [it["index"] for it in items],

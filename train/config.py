@@ -101,6 +101,9 @@ class TrainingConfig:
     # plain loss). Threshold: the channel-mean |target - source| that gets the full extra weight.
     edit_region_weight: float = 0.0
     edit_region_threshold: float = 0.25
+    # Extra video-loss weight on the rows' keep masks ("keep_mask" in the manifest: what the edit must leave
+    # alone, e.g. the objects the instruction does not name; losses.py). 0 = off; rows without a mask: none.
+    keep_region_weight: float = 0.0
     # Probability that a sample's prompt is replaced by the negative prompt ("[Video edit]"), so that the
     # model also learns the unconditional prediction classifier-free guidance needs (0 = off).
     prompt_dropout: float = 0.0
@@ -408,6 +411,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.train.edit_region_weight < 0:
         raise SamaInputError(f"train.edit_region_weight must be >= 0, got {cfg.train.edit_region_weight} "
                              "(0 = the paper's plain loss)")
+    if cfg.train.keep_region_weight < 0:
+        raise SamaInputError(f"train.keep_region_weight must be >= 0, got {cfg.train.keep_region_weight} "
+                             "(0 = off)")
     if cfg.train.edit_region_threshold <= 0:
         raise SamaInputError(f"train.edit_region_threshold must be positive, got {cfg.train.edit_region_threshold}")
     if cfg.train.max_minutes is not None and not cfg.train.max_minutes > 0:

@@ -7,6 +7,9 @@ Manifest rows (one JSON object per line; relative paths are resolved against the
                  (aliases: original_image / image, prompt)
     raw video:   {"video": ..., "caption": ...}            (aliases: prompt / text for the caption)
 Optional per row: "width", "height", "num_frames" (skip probing the file's header).
+Optional per edit row: "keep_mask", a mask video (image for image edits) of the target's size and length,
+white where the edit must leave something the loss should watch closely (e.g. the objects the instruction
+does not name); `train.keep_region_weight` weights the loss there (train/losses.py).
 
 Each usable row becomes a `PlannedSample` with a bucket (group, frames, height, width): the size bucket
 closest to its aspect ratio at the configured area, and the largest frame bucket (4k+1) the clip fills.
@@ -83,6 +86,7 @@ class MediaRow:
     manifest: str
     line: int
     hints: tuple = ()              # ((key, value), ...) of optional width / height / num_frames
+    keep: Optional[str] = None     # absolute path of the optional keep mask (edit rows)
 
     @property
     def where(self) -> str:
@@ -139,7 +143,12 @@ def parse_row(row: dict, manifest: Path, line: int, kind: str = "auto") -> Media
         return str(path if path.is_absolute() else (manifest.parent / path).resolve())
 
     hints = tuple((k, int(row[k])) for k in ("width", "height", "num_frames") if row.get(k) is not None)
-    return MediaRow(kind, resolve(target), resolve(source) if source else None, text, str(manifest), line, hints)
+    keep = row.get("keep_mask")
+    if keep is not None and kind == RAW_VIDEO:
+        raise SamaInputError(f"{where}: keep_mask belongs to edit rows (the pixels an edit must keep); a raw video "
+                             "has no edit: remove it from this row")
+    return MediaRow(kind, resolve(target), resolve(source) if source else None, text, str(manifest), line, hints,
+                    resolve(keep) if keep is not None else None)
 
 
 def read_manifest(path, kind: str = "auto") -> list[MediaRow]:
@@ -595,12 +604,16 @@ class RawMediaDataset(torch.utils.data.Dataset):
             valid = min(valid, source_valid)
         elif pretext != NO_PRETEXT:
             source = make_source(target, pretext, g)
+        keep = None
+        if sample.row.keep is not None:  # the same frames, crop and resize as the target
+            keep, _ = read_clip(sample.row.keep, sample, start, self.cfg.frame_stride, self.cfg.resize_mode)
+            keep = keep.mean(-1)  # (F, H, W) in [0, 1]
         anchors = None
         if self.cfg.semantic_anchoring:
             anchors = target[anchor_indices(valid, self.cfg.num_anchors)]  # (N, H, W, 3)
         return {"index": index, "bucket": sample.bucket.key, "target": target, "source": source,
                 "prompt": prompt_for(sample, pretext, self.cfg.edit_prefix), "anchors": anchors,
-                "valid_frames": valid, "seed": seed, "pretext": pretext}
+                "valid_frames": valid, "seed": seed, "pretext": pretext, "keep": keep}
 
 
 def collate_raw(items: list[dict]) -> dict:
@@ -613,6 +626,7 @@ def collate_raw(items: list[dict]) -> dict:
     return {
         "target_frames": torch.stack([video(it["target"]) for it in items]),  # (B, 3, F, H, W)
         "source_frames": torch.stack([video(it["source"]) for it in items]) if has_source.pop() else None,
+        "keep_masks": keep_masks(items),  # (B, F, H, W) or None
         "prompts": [it["prompt"] for it in items],
         "anchor_frames": (torch.stack([it["anchors"] for it in items])  # (B, N, H, W, 3)
                           if items[0]["anchors"] is not None else None),
@@ -622,6 +636,15 @@ def collate_raw(items: list[dict]) -> dict:
         "skipped": [s for it in items for s in it["skipped"]],
         "pretext": items[0]["pretext"],
     }
+
+
+def keep_masks(items: list[dict]) -> Optional[torch.Tensor]:
+    """The batch's keep masks (B, F, H, W), zeros for a sample whose row has none; None when no row has one."""
+    present = [it.get("keep") for it in items if it.get("keep") is not None]
+    if not present:
+        return None
+    empty = torch.zeros_like(present[0])
+    return torch.stack([it["keep"] if it.get("keep") is not None else empty for it in items])
 
 
 def pretext_names_in(mix: dict) -> list[str]:

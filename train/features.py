@@ -40,6 +40,21 @@ def valid_latent_frames(valid_frames: torch.Tensor) -> torch.Tensor:
     return 1 + torch.div(valid_frames - 1 + 3, 4, rounding_mode="floor")
 
 
+def latent_grid_mask(mask: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tensor:
+    """A pixel mask (B, F, H, W) -> the latent grid (B, T, h, w): a latent cell is the largest value over the
+    pixels it encodes (the Wan VAE encodes frame 0 alone, then 4 frames per latent frame, 8x8 pixels per
+    cell), so a small object still marks the one cell that holds it."""
+    t, h, w = (int(n) for n in latent_shape)
+    b, f, height, width = mask.shape
+    if f != 4 * (t - 1) + 1 or height % h or width % w:
+        raise SamaInputError(f"a keep mask of {f} frames at {height}x{width} does not map onto latents of {t} "
+                             f"frames at {h}x{w}: it must have the target's frames and size")
+    first = mask[:, :1]
+    rest = mask[:, 1:].reshape(b, t - 1, 4, height, width).amax(2) if t > 1 else mask[:, :0]
+    frames = torch.cat([first, rest], 1).float()  # (B, T, H, W)
+    return torch.nn.functional.max_pool2d(frames, (height // h, width // w))  # (B, T, h, w)
+
+
 def pad_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     """[(L_i, D)] -> (B, max L_i, D), zeros after each sample's real rows (the DiT pads on to 512 rows)."""
     length = max(r.shape[0] for r in rows)
@@ -177,7 +192,10 @@ class FeatureEncoders:
             if self.anchor_encoder is None:
                 raise SamaInputError("semantic anchoring is on but no SigLIP encoder is loaded (encoders.siglip)")
             semantic = self.anchor_tokens(raw["anchor_frames"])
-        return {"target": target, "source": source, "context": context, "semantic": semantic,
+        keep = raw.get("keep_masks")
+        if keep is not None:
+            keep = latent_grid_mask(keep, target.shape[2:]).to(target.device)
+        return {"target": target, "source": source, "context": context, "semantic": semantic, "keep": keep,
                 "valid_latent_frames": valid_latent_frames(raw["valid_frames"]),
                 "seeds": raw["seeds"], "indices": raw["indices"], "skipped": raw["skipped"],
                 "pretext": raw["pretext"]}

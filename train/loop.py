@@ -178,7 +178,8 @@ def optimizer_step(accelerator, model, optimizer, micro_batches, cfg: TrainConfi
         with accelerator.accumulate(model):
             parts, _ = training_loss(model, batch, cfg.sigma, cfg.train.semantic_loss_weight,
                                      edit_weight=cfg.train.edit_region_weight,
-                                     edit_threshold=cfg.train.edit_region_threshold)
+                                     edit_threshold=cfg.train.edit_region_threshold,
+                                     keep_weight=cfg.train.keep_region_weight)
             accelerator.backward(parts.loss)
             if accelerator.sync_gradients and cfg.train.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)

@@ -18,6 +18,13 @@ changed region carries ~2% of the plain loss, so a small model learns to copy th
 weighted mean keeps each sample's loss on the plain loss's scale (a background edit, which changes
 everything, is weighted as before).
 
+Keep-region weighting (off by default; not in the paper): with `keep_weight` kappa > 0, a sample with a
+keep mask (the manifest's "keep_mask" on the latent grid, `batch["keep"]` (B, T, h, w) in [0, 1]) adds
+kappa * keep to that weight. Why: the edit-region weight makes changing things the loss's main business,
+and an object the instruction does not name then costs a small model as little as a patch of background
+to lose (SAMA-Shapes, session 10: a quarter of the clearly visible kept objects lost); the keep mask
+marks exactly those objects.
+
 Sigma: t ~ U(0, 1] ("shift", the training counterpart of the sampler's shifted schedule) or
 t = sigmoid(N(mean, std)) ("logit_normal"), then shifted s t / (1 + (s - 1) t).
 Randomness: every sample's sigma and noise come from its own CPU generator seeded by the sample's seed
@@ -32,6 +39,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from sama_core.errors import SamaInputError
 from sama_core.scheduler import add_noise, shift_sigmas, timesteps_of
 
 from .data import derive_seed
@@ -101,14 +109,26 @@ def edit_region_weight(target: torch.Tensor, source: Optional[torch.Tensor], edi
     return ones + edit_weight * (change / edit_threshold).clamp(0, 1)
 
 
+def keep_region_weight(batch: dict, keep_weight: float, like: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, h, w) extra loss weight keep_weight * keep; zeros without keep masks in the batch."""
+    keep = batch.get("keep")
+    if keep_weight == 0 or keep is None:
+        return like.new_zeros(like.shape[0], 1, *like.shape[2:])
+    if keep.shape != (like.shape[0], *like.shape[2:]):
+        raise SamaInputError(f"the batch's keep masks {tuple(keep.shape)} do not match its latents "
+                             f"{tuple(like.shape)}: they must be (B, T, h, w) on the latent grid")
+    return keep_weight * keep.to(like)[:, None]
+
+
 def flow_matching_loss(pred_video: torch.Tensor, pred_semantic: Optional[torch.Tensor], batch: dict,
                        draw: NoiseDraw, semantic_weight: float = 0.1, edit_weight: float = 0.0,
-                       edit_threshold: float = 0.25) -> LossParts:
+                       edit_threshold: float = 0.25, keep_weight: float = 0.0) -> LossParts:
     x0 = batch["target"].float()
     target_v = draw.noise.to(x0) - x0  # (B, 16, T, h, w)
     mask = latent_frame_mask(batch["valid_latent_frames"].to(x0.device), x0.shape[2])  # (B, T)
-    weight = mask[:, None, :, None, None].to(x0) * edit_region_weight(
-        x0, batch.get("source"), edit_weight, edit_threshold)  # (B, 1, T, h, w)
+    weight = mask[:, None, :, None, None].to(x0) * (edit_region_weight(
+        x0, batch.get("source"), edit_weight, edit_threshold) + keep_region_weight(batch, keep_weight, x0))
+    # weight: (B, 1, T, h, w)
     squared = (pred_video.float() - target_v).pow(2) * weight
     # Weighted mean per sample over its real frames (C values per weighted position).
     video = (squared.flatten(1).sum(1) / (weight.flatten(1).sum(1) * x0.shape[1])).mean()
@@ -124,7 +144,7 @@ def flow_matching_loss(pred_video: torch.Tensor, pred_semantic: Optional[torch.T
 
 def training_loss(model, batch: dict, sigma_cfg, semantic_weight: float = 0.1,
                   draw: Optional[NoiseDraw] = None, edit_weight: float = 0.0,
-                  edit_threshold: float = 0.25) -> tuple[LossParts, NoiseDraw]:
+                  edit_threshold: float = 0.25, keep_weight: float = 0.0) -> tuple[LossParts, NoiseDraw]:
     """One forward of the DiT on a feature batch and its loss (the draw is made from the batch's seeds)."""
     semantic = batch.get("semantic")
     if draw is None:
@@ -133,4 +153,4 @@ def training_loss(model, batch: dict, sigma_cfg, semantic_weight: float = 0.1,
     x, s, timestep = noisy_inputs(batch, draw)
     out = model(x, timestep, batch["context"], source=batch.get("source"), semantic_tokens=s)
     return flow_matching_loss(out.video, out.semantic, batch, draw, semantic_weight, edit_weight,
-                              edit_threshold), draw
+                              edit_threshold, keep_weight), draw

@@ -756,6 +756,13 @@ def edit_mask(edit: Edit, source: RenderedClip, target: RenderedClip) -> torch.T
 # Whole clips
 
 
+def keep_mask(edit: "EditSample") -> torch.Tensor:
+    """(F, H, W) bool: the pixels of the target's objects that the edit leaves alone (the objects the
+    instruction does not name, where the edit does not touch them): the manifests' "keep_mask"."""
+    objects = edit.target.object_masks().numpy().any(0)  # (F, H, W)
+    return torch.from_numpy(objects & ~edit.mask.numpy())
+
+
 def clip_generator(seed: int, index: int, split: str, purpose: int) -> np.random.Generator:
     """The random stream for one purpose of one clip (see the seed scheme in the module docstring)."""
     if split not in SPLIT_IDS:
@@ -913,16 +920,23 @@ def _write_clip(job: _WriteJob) -> dict[str, list[dict]]:
         arrays[f"{kind}_edit_mask"] = es.mask.numpy()  # (F, H, W) bool
         arrays[f"{kind}_target_objects"] = es.target.object_masks().numpy()  # (N', F, H, W) bool
         edit_id = f"{cid}_{kind}"
+        # The keep mask as a lossless frame array whatever the video format (a mask must not bleed).
+        keep = keep_mask(es)[..., None].expand(-1, -1, -1, 3).float()  # (F, H, W, 3) in {0, 1}
+        keep_path = f"masks/{edit_id}_keep.npz"
+        save_clip(root / keep_path, keep)
         rows["video_edits"].append({"source_video": source_path, "target_video": target_path,
-                                    "instruction": es.edit.instruction, "id": edit_id, **video_size})
+                                    "instruction": es.edit.instruction, "id": edit_id, "keep_mask": keep_path,
+                                    **video_size})
         image_row = None
         if job.image_pairs:
             src_png, tgt_png = f"images/{edit_id}_source.png", f"images/{edit_id}_target.png"
             source_frame, target_frame, image_instruction = sample.image_pair(es)
             _save_png(root / src_png, source_frame)
             _save_png(root / tgt_png, target_frame)
+            keep_png = f"masks/{edit_id}_keep.png"
+            _save_png(root / keep_png, keep[es.image_frame])
             image_row = {"source_image": src_png, "target_image": tgt_png, "instruction": image_instruction,
-                         "id": edit_id, **size}
+                         "id": edit_id, "keep_mask": keep_png, **size}
             rows["image_edits"].append(image_row)
         rows["ground_truth"].append({
             "id": edit_id, "clip": cid, "split": job.split, "seed": job.seed, "index": job.index,
