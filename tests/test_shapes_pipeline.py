@@ -423,6 +423,10 @@ def test_motion_parts_separate_slivers_from_clearly_visible_frames(heldout):
     assert summary["motion_visible_lost"] == pytest.approx(1 / painted["motion_visible_frames"])
     table = ev.markdown_tables({"painted": ev.summarize([ev.score(case, output)])})
     assert "| method | motion error (px) | lost | position error where found (px) |" in table
+    # per edit kind: the painted background edit has lost 1 clearly visible frame of its kept object
+    per_kind = table.split("Kept objects lost where clearly visible, per edit kind")[1]
+    share = 100 / painted["motion_visible_frames"]
+    assert f"| painted | {share:.1f}% |" in per_kind and "| method | background |" in per_kind
 
 
 def test_eval_writes_tables_and_plots_and_refuses_bad_inputs(heldout, train_set, tmp_path):
@@ -802,7 +806,7 @@ def test_compare_puts_the_arms_in_one_table_with_the_claims(tmp_path, capsys):
     main_table = table.split("| method |")[1].split("\n\n")[0]  # the first table (the others repeat the rows)
     names = [line.split(" | ")[0][2:] for line in main_table.splitlines() if line.startswith("| (") or
              line.startswith("| copy") or line.startswith("| ground")]
-    assert table.count("| (a) full SAMA |") == 2  # the main table and the motion-in-parts table
+    assert table.count("| (a) full SAMA |") == 3  # the main table, motion in parts, kept objects per kind
     assert names == ["(a) full SAMA", "(b) without semantic anchoring", "(c) without motion alignment",
                      "(d) stage 0 only (zero-shot)", "(b) stage 0 only", "(c) stage 0 only",
                      "copy (output = source)", "ground truth"]

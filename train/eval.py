@@ -413,6 +413,13 @@ def markdown_tables(summaries: dict[str, dict], header: str = "") -> str:
         lines.append(f"| {m} | {_fmt(a['motion_error'])} | {_fmt(a['motion_lost'], 3, True)} | "
                      f"{_fmt(a.get('motion_position_error'))} | {_fmt(a.get('motion_visible_error'))} | "
                      f"{_fmt(a.get('motion_visible_lost'), 3, True)} |")
+    lines += ["", "Kept objects lost where clearly visible, per edit kind (which edits lose the objects they "
+              "should leave alone; session 10: recolourings and removals far more than shape changes):", "",
+              "| method | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for m in methods:
+        s = summaries[m]
+        lines.append(f"| {m} | " + " | ".join(_fmt(s.get(k, {}).get("motion_visible_lost"), 3, True) for k in kinds)
+                     + " |")
     styles = sorted({st for s in summaries.values() for st in s.get("by_background", {})})
     if styles:
         first = next(iter(summaries.values())).get("by_background", {})
