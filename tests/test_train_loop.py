@@ -179,7 +179,7 @@ def test_optimizer_step_optimises_the_edit_weighted_loss_from_the_config(tmp_pat
     assert reported[20.0] != pytest.approx(reported[0.0], rel=1e-3)
 
 
-def test_keep_masks_in_the_cache_reach_the_loss_with_the_configured_weight(tmp_path):
+def test_keep_masks_in_the_cache_reach_the_loss_with_the_configured_weight(tmp_path, caplog):
     """A cache sample's "keep" (T, h, w) comes back in the collated batch, and train.keep_region_weight
     weights the step's loss with it (an independent call of train.losses)."""
     from accelerate import Accelerator
@@ -211,6 +211,18 @@ def test_keep_masks_in_the_cache_reach_the_loss_with_the_configured_weight(tmp_p
         reported[weight] = sums["loss_sums"][1].item()
         assert reported[weight] == pytest.approx(expected.video.item(), rel=1e-5)
     assert reported[10.0] != pytest.approx(reported[0.0], rel=1e-4)  # 10x the agreement asked above
+    # a weight with no masks in the cache says so at the start of the run
+    reset_accelerate()
+    from train.loop import build_training_data
+    bare = loop_config(tmp_path, cache="bare", train={"keep_region_weight": 10.0})
+    write_cache(bare)
+    with caplog.at_level("WARNING", logger="train.loop"):
+        build_training_data(bare, Accelerator(cpu=True))
+    assert "keep_region_weight is 10 but no sample has a keep mask" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="train.loop"):
+        build_training_data(loop_config(tmp_path, train={"keep_region_weight": 10.0}), Accelerator(cpu=True))
+    assert "keep mask" not in caplog.text
     # a batch where only some samples have a mask: zeros for the others
     samples[1].pop("keep")
     write_cache(loop_config(tmp_path, cache="cache2"), samples)

@@ -127,7 +127,7 @@ def encode_sample(dataset: RawMediaDataset, encoders: FeatureEncoders, index: in
     valid = int(valid_latent_frames(torch.tensor([loaded["valid_frames"]]))[0])
     meta = {"kind": sample.row.kind, "bucket": sample.bucket.key, "valid_latent_frames": valid,
             "latent_frames": latent_frames_of(sample.bucket.frames), "where": sample.row.where,
-            "pretexts": pretexts if raw else []}
+            "pretexts": pretexts if raw else [], "keep": "keep" in tensors}
     return tensors, meta
 
 
@@ -177,7 +177,8 @@ def write_feature_cache(cache_dir, samples: list[dict], fingerprint: str, negati
         frames = s["target"].shape[1]
         pretexts = sorted({k.split("/", 1)[1] for k in parts if k.startswith("text/")})
         meta = {"kind": s["kind"], "bucket": s["bucket"], "valid_latent_frames": int(s.get("valid_latent_frames", frames)),
-                "latent_frames": frames, "where": s.get("where", f"sample {sid}"), "pretexts": pretexts}
+                "latent_frames": frames, "where": s.get("where", f"sample {sid}"), "pretexts": pretexts,
+                "keep": "keep" in parts}
         entries.append((sid, parts, meta))
     shards = [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)]
     for n, chunk in enumerate(shards):

@@ -102,6 +102,13 @@ def check_stage_data(cfg: TrainConfig, kinds: set) -> None:
                     "(output_dir/final/%s)", DIT_FILE)
 
 
+def check_keep_masks(cfg: TrainConfig, any_keep: bool) -> None:
+    if cfg.train.keep_region_weight > 0 and not any_keep:
+        log.warning("train.keep_region_weight is %g but no sample has a keep mask (\"keep_mask\" on the manifest "
+                    "rows; a cache built before they were added has none): the weight has no effect",
+                    cfg.train.keep_region_weight)
+
+
 def build_training_data(cfg: TrainConfig, accelerator) -> TrainingData:
     parts = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * accelerator.num_processes
     pretext_names_in(cfg.data.pretext_mix)  # validates the names
@@ -109,6 +116,7 @@ def build_training_data(cfg: TrainConfig, accelerator) -> TrainingData:
         dataset = CachedFeatureDataset(cfg.resolve_path(cfg.data.cache_dir), cache_fingerprint(cfg),
                                        cfg.data.semantic_anchoring)
         check_stage_data(cfg, {s["kind"] for s in dataset.samples})
+        check_keep_masks(cfg, any(s.get("keep", False) for s in dataset.samples))
         plan = BucketBatchPlan(dataset.bucket_members(), parts, cfg.seed, cfg.data.pretext_mix)
         return TrainingData(dataset, collate_features, plan, None, len(dataset.skipped), cached=dataset)
     index_path = cfg.output_path / "data_index.json"
@@ -118,6 +126,7 @@ def build_training_data(cfg: TrainConfig, accelerator) -> TrainingData:
     if not accelerator.is_main_process:
         index = load_or_build_index(cfg, index_path)
     check_stage_data(cfg, {s.row.kind for s in index.samples})
+    check_keep_masks(cfg, any(s.row.keep is not None for s in index.samples))
     dataset = RawMediaDataset(index, cfg.data)
     plan = BucketBatchPlan(index.buckets(), parts, cfg.seed, cfg.data.pretext_mix)
     encoders = FeatureEncoders.from_config(cfg, device=accelerator.device)
