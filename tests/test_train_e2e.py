@@ -15,6 +15,7 @@ from sama_core.loading import load_dit
 from sama_core.text import load_text_encoder
 from sama_core.vae import WanVAE
 from train.__main__ import main
+import train.cache as cache_module
 from train.cache import CACHE_INDEX, build_cache, shard_name
 from train.config import load_config
 from train.data import RawMediaDataset, build_index, derive_seed
@@ -95,7 +96,12 @@ def test_cache_holds_exactly_what_the_encoders_compute(ws, tmp_path):
     torch.testing.assert_close(negative, text.encode(["[Video edit]"])[0][: negative.shape[0]], rtol=1e-5, atol=1e-6)
 
 
-def test_cache_encodes_a_shared_source_once_and_stores_it_for_every_edit(ws, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch, chunk, calls", [
+    (3, 32, [3, 1]),  # 4 distinct clips (the repeated row's target and source are not encoded again), <= 3 a call
+    (8, 1, [2, 2]),  # one sample per chunk: the repeated row's clips come from the memo of the first chunk
+])
+def test_cache_encodes_each_distinct_clip_once_in_batches_and_stores_it_for_every_edit(ws, tmp_path, monkeypatch,
+                                                                                        batch, chunk, calls):
     from train.features import FeatureEncoders
     encoded = []
     original = FeatureEncoders.latents
@@ -105,12 +111,14 @@ def test_cache_encodes_a_shared_source_once_and_stores_it_for_every_edit(ws, tmp
         return original(self, frames)
 
     monkeypatch.setattr(FeatureEncoders, "latents", counting)
+    monkeypatch.setattr(cache_module, "ENCODE_BATCH", batch)
+    monkeypatch.setattr(cache_module, "ENCODE_CHUNK", chunk)
     # the same video edit twice (two rows, one source clip) and a second edit of another source
     cfg = config(ws, "config_stage1", f"data.cache_dir={tmp_path / 'cache'}", subset(ws, tmp_path, edits=[0, 0, 1]))
     cache = build_cache(cfg)
     index = json.loads((cache / CACHE_INDEX).read_text())
     assert [s["kind"] for s in index["samples"]] == ["video_edit"] * 3
-    assert sum(encoded) == 5  # 2 + 1 (the repeated row's source is not encoded again) + 2
+    assert encoded == calls
 
     vae = WanVAE.from_file(cfg.resolve_path(cfg.encoders.vae))
     dataset = RawMediaDataset(build_index(cfg), cfg.data)
@@ -324,3 +332,27 @@ def test_train_step_bench_times_the_loader_the_encoders_and_the_dit_step(ws, tmp
     assert all(float(r.split("ms/batch")[0].split()[-1]) > 0 for r in rows)
     assert "samples/s" in printed.splitlines()[-1]
     assert not list(out.glob("checkpoint-*")) and not (out / "final").exists()
+
+
+def _load_bench(name):
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_cache_build_bench_compares_clips_per_vae_call_on_equal_shards(ws, capsys):
+    """bench/cache_build.py on the tiny workspace's raw clips (stage 0: a target and perturbed sources per
+    sample): one row per batch size, equal features, and the module's batch size restored afterwards."""
+    bench = _load_bench("cache_build")
+    before = cache_module.ENCODE_BATCH
+    assert bench.main(["--config", str(ws["config_stage0"]), "--samples", "3", "--batches", "1,4"]) == 0
+    assert cache_module.ENCODE_BATCH == before
+    rows = [line for line in capsys.readouterr().out.splitlines() if "clips per VAE call" in line]
+    assert [int(r.split()[0]) for r in rows] == [1, 4]
+    assert all(float(r.split("ms/sample")[0].split()[-1]) > 0 for r in rows)
+    assert float(rows[1].split("difference|")[1]) <= 1e-4
+    with pytest.raises(SystemExit, match="--batches '0,2': give clip counts >= 1"):
+        bench.main(["--config", str(ws["config_stage0"]), "--batches", "0,2"])
