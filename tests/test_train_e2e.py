@@ -96,12 +96,14 @@ def test_cache_holds_exactly_what_the_encoders_compute(ws, tmp_path):
     torch.testing.assert_close(negative, text.encode(["[Video edit]"])[0][: negative.shape[0]], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("batch, chunk, calls", [
-    (3, 32, [3, 1]),  # 4 distinct clips (the repeated row's target and source are not encoded again), <= 3 a call
-    (8, 1, [2, 2]),  # one sample per chunk: the repeated row's clips come from the memo of the first chunk
+@pytest.mark.parametrize("limits, calls", [
+    ({"ENCODE_BATCH": 3}, [3, 1]),  # 4 distinct clips (the repeated row's are not encoded again), <= 3 a call
+    ({"ENCODE_VOXELS": 1}, [1, 1, 1, 1]),  # clips too large to batch go one at a time
+    ({"ENCODE_CHUNK": 1}, [2, 2]),  # one sample per chunk: the repeated row's clips come from the memo
+    ({"CHUNK_BYTES": 1}, [2, 2]),  # the same when the decoded frames of one sample fill a chunk
 ])
 def test_cache_encodes_each_distinct_clip_once_in_batches_and_stores_it_for_every_edit(ws, tmp_path, monkeypatch,
-                                                                                        batch, chunk, calls):
+                                                                                        limits, calls):
     from train.features import FeatureEncoders
     encoded = []
     original = FeatureEncoders.latents
@@ -111,8 +113,8 @@ def test_cache_encodes_each_distinct_clip_once_in_batches_and_stores_it_for_ever
         return original(self, frames)
 
     monkeypatch.setattr(FeatureEncoders, "latents", counting)
-    monkeypatch.setattr(cache_module, "ENCODE_BATCH", batch)
-    monkeypatch.setattr(cache_module, "ENCODE_CHUNK", chunk)
+    for name, value in limits.items():
+        monkeypatch.setattr(cache_module, name, value)
     # the same video edit twice (two rows, one source clip) and a second edit of another source
     cfg = config(ws, "config_stage1", f"data.cache_dir={tmp_path / 'cache'}", subset(ws, tmp_path, edits=[0, 0, 1]))
     cache = build_cache(cfg)

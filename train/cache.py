@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -54,8 +55,14 @@ CACHE_VERSION = 2  # 2: the index says whether samples carry anchor tokens ("sem
 # Clips per VAE call. Measured on 2 CPU cores (session 11, 17 frames of 64x64, the SAMA-Shapes VAE): one clip
 # alone 0.77 s, 0.45 s each two at a time, 0.40 s each eight at a time. Each sample used to be encoded on
 # its own, so the four later edits of a SAMA-Shapes clip (source remembered) paid the single-clip price.
+# Large clips gain nothing from batching and would not fit many at a time (one 81x480x832 clip is 32M voxels),
+# so a call also holds at most ENCODE_VOXELS frame voxels (F x H x W), and at least one clip.
 ENCODE_BATCH = 8
-ENCODE_CHUNK = 32  # samples decoded ahead of one round of VAE calls (~1.7 MB of frames per 17x64x64 edit)
+ENCODE_VOXELS = 8 * 17 * 64 * 64
+# Samples decoded ahead of one round of VAE calls: at most ENCODE_CHUNK of them and CHUNK_BYTES of decoded
+# frames (one 17x64x64 edit is ~1.7 MB; one 81x480x832 edit ~780 MB, so such samples go one at a time).
+ENCODE_CHUNK = 32
+CHUNK_BYTES = 256 * 2**20
 LATENT_MEMO_SIZE = 64  # latents of recent distinct clips, kept across chunks
 
 
@@ -90,7 +97,7 @@ def _frames_key(frames: torch.Tensor) -> str:
 
 class LatentBatcher:
     """VAE latents of many clips at once: each distinct clip (by frame digest) is encoded once, up to
-    ENCODE_BATCH clips of one shape per VAE call, and the latents of the last LATENT_MEMO_SIZE distinct clips
+    ENCODE_BATCH clips of one shape per VAE call (and ENCODE_VOXELS frame voxels), and the latents of the last LATENT_MEMO_SIZE distinct clips
     are remembered (a clip with several edits, as SAMA-Shapes' five, has its source encoded once even when
     a chunk boundary falls between its edits)."""
 
@@ -109,9 +116,10 @@ class LatentBatcher:
         by_shape: dict[tuple, list[str]] = {}
         for key, clip in pending.items():
             by_shape.setdefault(tuple(clip.shape), []).append(key)
-        for same_shape in by_shape.values():
-            for i in range(0, len(same_shape), ENCODE_BATCH):
-                part = same_shape[i:i + ENCODE_BATCH]
+        for shape, same_shape in by_shape.items():
+            per_call = max(1, min(ENCODE_BATCH, ENCODE_VOXELS // math.prod(shape[1:])))
+            for i in range(0, len(same_shape), per_call):
+                part = same_shape[i:i + per_call]
                 latents = self.encoders.latents(torch.stack([pending[k] for k in part]))
                 found.update(zip(part, latents, strict=True))
         for key in keys:  # newest last; the oldest leave first
@@ -178,19 +186,24 @@ def save_shard(path: Path, number: int, entries: list[tuple[int, dict, dict]], s
 
 def write_shard(dataset, encoders, number: int, indices: list[int], path: Path, seed: int,
                 pretexts: list[str], store: torch.dtype) -> dict:
-    """Encode a shard's samples ENCODE_CHUNK at a time: decode them (a sample that fails to decode is
-    skipped and reported), encode all their clips in batched VAE calls, then the text and anchors."""
+    """Encode a shard's samples a chunk at a time (ENCODE_CHUNK samples, CHUNK_BYTES of frames): decode them
+    (a sample that fails to decode is skipped and reported), encode all their clips in batched VAE calls,
+    then the text and anchors."""
     entries, skipped = [], []
     batcher = LatentBatcher(encoders)
-    for start in range(0, len(indices), ENCODE_CHUNK):
-        decoded = []
-        for index in indices[start:start + ENCODE_CHUNK]:
+    pending = list(indices)
+    while pending:
+        decoded, held = [], 0
+        while pending and len(decoded) < ENCODE_CHUNK and held < CHUNK_BYTES:
+            index = pending.pop(0)
             try:
                 decoded.append(decode_sample(dataset, index, derive_seed(seed, "cache", index), pretexts))
             except LOAD_ERRORS as e:
                 where = dataset.index.samples[index].row.where
                 skipped.append(f"{where}: {e}")
                 log.warning("cache: skipped %s (%s)", where, e)
+                continue
+            held += sum(c.numel() * c.element_size() for c in decoded[-1]["clips"].values())
         names = [(d, name) for d in decoded for name in d["clips"]]
         latents = batcher.encode([d["clips"][name] for d, name in names])
         per_sample: dict[int, dict] = {}
