@@ -427,6 +427,8 @@ def test_motion_parts_separate_slivers_from_clearly_visible_frames(heldout):
     per_kind = table.split("Kept objects lost where clearly visible, per edit kind")[1]
     share = 100 / painted["motion_visible_frames"]
     assert f"| painted | {share:.1f}% |" in per_kind and "| method | background |" in per_kind
+    per_kind_motion = table.split("Motion error per edit kind")[1].split("\n\n")[1]
+    assert per_kind_motion.splitlines()[2] == f"| painted | {painted['motion_error']:.2f} |"
 
 
 def test_eval_writes_tables_and_plots_and_refuses_bad_inputs(heldout, train_set, tmp_path):
@@ -439,6 +441,14 @@ def test_eval_writes_tables_and_plots_and_refuses_bad_inputs(heldout, train_set,
     assert (tmp_path / "examples.png").read_bytes()[:4] == b"\x89PNG"
     lines = (tmp_path / "per_edit.jsonl").read_text().splitlines()
     assert len(lines) == 4 and report.files["table"] == tmp_path / "results.md"
+    # motion per kind: the mean over that kind's edits, from the per-edit file
+    per_edit = [json.loads(line) for line in lines]
+    motion_table = table.split("Motion error per edit kind")[1].split("\n\n")[1]
+    copy_motion = [r["motion_error"] for k in ("color", "remove") for r in per_edit
+                   if r["method"] == "copy" and r["kind"] == k]
+    assert len(copy_motion) == 2 and None not in copy_motion
+    assert f"| copy | {copy_motion[0]:.2f} | {copy_motion[1]:.2f} |" in motion_table
+    assert "| ground truth | 0.00 | 0.00 |" in motion_table
     assert ev.check_disjoint(heldout, train_set) == 3
     with pytest.raises(SamaInputError, match="also occur in the training set"):
         ev.check_disjoint(heldout, heldout)
@@ -806,7 +816,8 @@ def test_compare_puts_the_arms_in_one_table_with_the_claims(tmp_path, capsys):
     main_table = table.split("| method |")[1].split("\n\n")[0]  # the first table (the others repeat the rows)
     names = [line.split(" | ")[0][2:] for line in main_table.splitlines() if line.startswith("| (") or
              line.startswith("| copy") or line.startswith("| ground")]
-    assert table.count("| (a) full SAMA |") == 3  # the main table, motion in parts, kept objects per kind
+    # the main table, motion in parts, motion per kind, kept objects per kind
+    assert table.count("| (a) full SAMA |") == 4
     assert names == ["(a) full SAMA", "(b) without semantic anchoring", "(c) without motion alignment",
                      "(d) stage 0 only (zero-shot)", "(b) stage 0 only", "(c) stage 0 only",
                      "copy (output = source)", "ground truth"]

@@ -97,9 +97,9 @@ def _frames_key(frames: torch.Tensor) -> str:
 
 class LatentBatcher:
     """VAE latents of many clips at once: each distinct clip (by frame digest) is encoded once, up to
-    ENCODE_BATCH clips of one shape per VAE call (and ENCODE_VOXELS frame voxels), and the latents of the last LATENT_MEMO_SIZE distinct clips
-    are remembered (a clip with several edits, as SAMA-Shapes' five, has its source encoded once even when
-    a chunk boundary falls between its edits)."""
+    ENCODE_BATCH clips of one shape per VAE call (and ENCODE_VOXELS frame voxels), and the latents of the
+    last LATENT_MEMO_SIZE distinct clips are remembered (a clip with several edits, as SAMA-Shapes' five,
+    has its source encoded once even when a chunk boundary falls between its edits)."""
 
     def __init__(self, encoders: FeatureEncoders, memo_size: int = LATENT_MEMO_SIZE):
         self.encoders, self.memo_size, self.memo = encoders, memo_size, {}

@@ -413,6 +413,12 @@ def markdown_tables(summaries: dict[str, dict], header: str = "") -> str:
         lines.append(f"| {m} | {_fmt(a['motion_error'])} | {_fmt(a['motion_lost'], 3, True)} | "
                      f"{_fmt(a.get('motion_position_error'))} | {_fmt(a.get('motion_visible_error'))} | "
                      f"{_fmt(a.get('motion_visible_lost'), 3, True)} |")
+    lines += ["", "Motion error per edit kind (px; session 10: shape changes at the VAE's ceiling, the kinds "
+              "that lose kept objects far above it):", "",
+              "| method | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for m in methods:
+        s = summaries[m]
+        lines.append(f"| {m} | " + " | ".join(_fmt(s.get(k, {}).get("motion_error")) for k in kinds) + " |")
     lines += ["", "Kept objects lost where clearly visible, per edit kind (which edits lose the objects they "
               "should leave alone; session 10: recolourings and removals far more than shape changes):", "",
               "| method | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
