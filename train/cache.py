@@ -52,9 +52,10 @@ log = logging.getLogger(__name__)
 
 CACHE_INDEX = "cache_index.json"
 CACHE_VERSION = 2  # 2: the index says whether samples carry anchor tokens ("semantic")
-# Clips per VAE call. Measured on 2 CPU cores (session 11, 17 frames of 64x64, the SAMA-Shapes VAE): one clip
-# alone 0.77 s, 0.45 s each two at a time, 0.40 s each eight at a time. Each sample used to be encoded on
-# its own, so the four later edits of a SAMA-Shapes clip (source remembered) paid the single-clip price.
+# Clips per VAE call. Measured on 2 CPU cores (session 11, bench/cache_build.py, 60 SAMA-Shapes video edits of
+# 17x64x64, the shipped VAE): 482 ms per sample at one clip per call, 288 at two, 230 at eight. Each sample
+# used to be encoded on its own (the four later edits of a SAMA-Shapes clip, source remembered, one clip
+# per call): 428 ms per sample, 1.85x the batched time, for the same tensors to 1e-5.
 # Large clips gain nothing from batching and would not fit many at a time (one 81x480x832 clip is 32M voxels),
 # so a call also holds at most ENCODE_VOXELS frame voxels (F x H x W), and at least one clip.
 ENCODE_BATCH = 8
