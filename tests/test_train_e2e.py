@@ -319,13 +319,18 @@ def test_a_cache_without_anchor_tokens_is_refused_for_semantic_anchoring(ws, tmp
             step(with_anchors)
 
 
-def test_train_step_bench_times_the_loader_the_encoders_and_the_dit_step(ws, tmp_path, capsys):
-    """bench/train_step.py on the tiny workspace (stage 0 from raw clips, so the encoders run): three parts."""
+def _load_bench(name):
     import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "train_step.py")
-    spec = importlib.util.spec_from_file_location("bench_train_step", path)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_train_step_bench_times_the_loader_the_encoders_and_the_dit_step(ws, tmp_path, capsys):
+    """bench/train_step.py on the tiny workspace (stage 0 from raw clips, so the encoders run): three parts."""
+    bench = _load_bench("train_step")
     out = tmp_path / "bench_run"
     assert bench.main(["--config", str(ws["config_stage0"]), "--batches", "2", f"output_dir={out}"]) == 0
     printed = capsys.readouterr().out
@@ -334,15 +339,6 @@ def test_train_step_bench_times_the_loader_the_encoders_and_the_dit_step(ws, tmp
     assert all(float(r.split("ms/batch")[0].split()[-1]) > 0 for r in rows)
     assert "samples/s" in printed.splitlines()[-1]
     assert not list(out.glob("checkpoint-*")) and not (out / "final").exists()
-
-
-def _load_bench(name):
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def test_cache_build_bench_compares_clips_per_vae_call_on_equal_shards(ws, capsys):
