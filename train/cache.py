@@ -137,7 +137,9 @@ def decode_sample(dataset: RawMediaDataset, index: int, seed: int, pretexts: lis
     sample = dataset.index.samples[index]
     raw = sample.row.kind == RAW_VIDEO
     loaded = dataset.load(index, NO_PRETEXT if raw else "-", seed)
-    target = loaded["target"]  # (F, H, W, 3) in [0, 1]
+    # The [0, 1] frames leave `loaded`: a chunk holds only the VAE inputs below (what CHUNK_BYTES counts).
+    target = loaded.pop("target")  # (F, H, W, 3) in [0, 1]
+    source = loaded.pop("source")
     frames = {"target": target}
     if raw:
         for p in pretexts:
@@ -145,7 +147,7 @@ def decode_sample(dataset: RawMediaDataset, index: int, seed: int, pretexts: lis
                 frames[f"source/{p}"] = make_source(target, p,
                                                     torch.Generator().manual_seed(derive_seed(seed, "pretext", p)))
     else:
-        frames["source"] = loaded["source"]
+        frames["source"] = source
     clips = {name: f.permute(3, 0, 1, 2) * 2.0 - 1.0 for name, f in frames.items()}
     return {"index": index, "sample": sample, "raw": raw, "loaded": loaded, "clips": clips}
 
