@@ -413,7 +413,7 @@ def markdown_tables(summaries: dict[str, dict], header: str = "") -> str:
         lines.append(f"| {m} | {_fmt(a['motion_error'])} | {_fmt(a['motion_lost'], 3, True)} | "
                      f"{_fmt(a.get('motion_position_error'))} | {_fmt(a.get('motion_visible_error'))} | "
                      f"{_fmt(a.get('motion_visible_lost'), 3, True)} |")
-    lines += ["", "Motion error per edit kind (px; session 10: shape changes at the VAE's ceiling, the kinds "
+    lines += ["", "Motion error per edit kind (px; session 11: shape changes at the VAE's ceiling, the kinds "
               "that lose kept objects far above it):", "",
               "| method | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
     for m in methods:
