@@ -223,6 +223,17 @@ def test_keep_masks_in_the_cache_reach_the_loss_with_the_configured_weight(tmp_p
     with caplog.at_level("WARNING", logger="train.loop"):
         build_training_data(loop_config(tmp_path, train={"keep_region_weight": 10.0}), Accelerator(cpu=True))
     assert "keep mask" not in caplog.text
+    # an index written before it recorded the flag (session 10's caches): read from the shards instead
+    index_file = cfg.resolve_path(cfg.data.cache_dir) / "cache_index.json"
+    index = json.loads(index_file.read_text())
+    for s in index["samples"]:
+        del s["keep"]
+    index_file.write_text(json.dumps(index))
+    assert [s["keep"] for s in CachedFeatureDataset(index_file.parent).samples] == [True] * len(samples)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="train.loop"):
+        build_training_data(loop_config(tmp_path, train={"keep_region_weight": 10.0}), Accelerator(cpu=True))
+    assert "keep mask" not in caplog.text
     # a batch where only some samples have a mask: zeros for the others
     samples[1].pop("keep")
     write_cache(loop_config(tmp_path, cache="cache2"), samples)

@@ -395,6 +395,7 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
         if semantic_anchoring is not None:
             _check_semantic(self.cache_dir, data, semantic_anchoring)
         self.semantic = data.get("semantic", False) if semantic_anchoring is None else semantic_anchoring
+        _fill_keep_flags(self.cache_dir, data["samples"])
         # Repeated manifest rows were cached once; they come back `repeat` times here.
         self.samples = [s for s in data["samples"] for _ in range(s.get("repeat", 1))]
         self.skipped = data["skipped"]
@@ -435,6 +436,22 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
                 "keep": keep,
                 "valid_latent_frames": s["valid_latent_frames"], "seed": item.seed, "pretext": item.pretext,
                 "skipped": []}
+
+
+def _fill_keep_flags(cache_dir: Path, samples: list[dict]) -> None:
+    """Set each sample's "keep" flag from its shard's tensor names where the index does not record it.
+
+    Indexes written before the flag existed (session 10's caches) lack it although their shards hold the
+    masks; the training loop's "no keep mask" warning reads the flag. Only shard headers are read."""
+    missing = [s for s in samples if "keep" not in s]
+    by_shard: dict[str, list[dict]] = {}
+    for s in missing:
+        by_shard.setdefault(s["shard"], []).append(s)
+    for shard, members in by_shard.items():
+        with safe_open(str(cache_dir / shard), framework="pt") as f:
+            names = set(f.keys())
+        for s in members:
+            s["keep"] = f"{s['id']}/keep" in names
 
 
 def collate_features(items: list[dict]) -> dict:
