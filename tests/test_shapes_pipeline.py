@@ -602,7 +602,7 @@ def test_gpu_budget_trains_from_the_clips_on_the_clock(tmp_path):
     vae = load_vae_config(paths["vae"])
     assert vae.max_minutes == 3.5 and (vae.optim.decay_from_step, vae.optim.final_lr) == (3200, 1e-4)
     names = [s.name for s in shapes.stages_of(run)]
-    assert names == ["data", "vae", "encoders", "stage0", "stage1", "export", "eval"]
+    assert names == ["data", "vae", "encoders", "stage0", "stage1", "demo", "export", "eval"]
     assert dict((s.name, s.deps) for s in shapes.stages_of(run))["stage0"] == ("data", "vae", "encoders")
     with pytest.raises(SamaInputError, match="--until must be one of"):
         shapes.run_pipeline(run, until="cache0")
@@ -703,11 +703,13 @@ def test_data_digest_changes_with_any_manifest_line(tmp_path):
         folder.mkdir(parents=True)
         (folder / "dataset.json").write_text('{"seed": 0}')
         (folder / "video_edits.jsonl").write_text('{"instruction": "make the red circle blue"}\n')
-    (tmp_path / "data" / "demo").mkdir()
-    (tmp_path / "data" / "demo" / "sample.json").write_text("{}")
-    first = shapes.data_digest(run)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "sample.json").write_text('{"instruction": "delete the star"}')
+    first, demo = shapes.data_digest(run), shapes.demo_digest(run)
     (tmp_path / "data" / "train" / "dataset.json").write_text('{"seed": 0, "seconds": 2.5}')  # timing only
     assert shapes.data_digest(run) == first
+    (tmp_path / "demo" / "sample.json").write_text('{"instruction": "delete the circle"}')  # the demo's own stage
+    assert shapes.data_digest(run) == first and shapes.demo_digest(run) != demo
     changed = '{"instruction": "make the red circle green"}\n'
     (tmp_path / "data" / "heldout" / "video_edits.jsonl").write_text(changed)
     assert shapes.data_digest(run) != first
@@ -852,7 +854,7 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.slow
 def test_tiny_budget_runs_every_stage_and_continues_after_a_stop(tiny_run):
     assert tiny_run["first"] == ["data", "vae", "encoders", "cache0", "stage0"]
-    assert tiny_run["rest"] == ["cache1", "stage1", "export", "eval"]
+    assert tiny_run["rest"] == ["cache1", "stage1", "demo", "export", "eval"]
     out = tiny_run["out"]
     spec = json.loads((out / "bundle" / "bundle.json").read_text())
     assert {"dit", "vae", "text_encoder", "siglip"} <= set(spec)
@@ -860,7 +862,7 @@ def test_tiny_budget_runs_every_stage_and_continues_after_a_stop(tiny_run):
     assert spec["defaults"] == {"steps": 2, "guidance": 2.0, "shift": 5.0, "target_area": 4096}
     card = spec["card"]
     assert card["demo_video"] == "sample.mp4" and card["demo_prompt"]
-    demo = json.loads((out / "data" / "demo" / "sample.json").read_text())
+    demo = json.loads((out / "demo" / "sample.json").read_text())
     assert card["demo_kind"] == demo["kind"] == shapes.DEMO_KIND and card["demo_prompt"] == demo["instruction"]
     # the steps the exported DiTs were trained for, read from their exports (the tiny budget runs to max_steps)
     for stage in ("stage0", "stage1"):
@@ -1008,6 +1010,34 @@ def test_rerun_after_losing_stage1_redoes_only_what_depends_on_it(tiny_run):
     assert any("resumed from" in line for line in lines)  # stage 1 continued from its last checkpoint
     assert {p: (out / p).stat().st_mtime_ns for p in before} == before
     assert (out / "bundle" / "README.md").exists()
+
+
+@pytest.mark.slow
+def test_a_new_demo_pick_re_exports_without_retraining(tiny_run, monkeypatch):
+    run, out = tiny_run["run"], tiny_run["out"]
+    kept = ("data/train/dataset.json", "encoders/text_encoder.safetensors", "stage1/final/sama_dit.safetensors")
+    before = {p: (out / p).stat().st_mtime_ns for p in kept}
+    shutil.rmtree(out / "demo")  # lost, then rewritten as the same pick: nothing after it runs again
+    assert shapes.run_pipeline(run) == ["demo"]
+    original = shapes.pick_demo_clip
+    monkeypatch.setattr(shapes, "pick_demo_clip", lambda: original("color"))
+    shutil.rmtree(out / "demo")  # another pick: the bundle is exported and evaluated again, nothing trained
+    assert shapes.run_pipeline(run) == ["demo", "export", "eval"]
+    card = json.loads((out / "bundle" / "bundle.json").read_text())["card"]
+    assert card["demo_kind"] == "color"
+    assert {p: (out / p).stat().st_mtime_ns for p in before} == before
+    monkeypatch.setattr(shapes, "pick_demo_clip", original)  # back to the default pick for the other tests
+    shutil.rmtree(out / "demo")
+    assert shapes.run_pipeline(run) == ["demo", "export", "eval"]
+    assert json.loads((out / "bundle" / "bundle.json").read_text())["card"]["demo_kind"] == shapes.DEMO_KIND
+
+
+def test_a_demo_prompt_the_tokenizer_cannot_read_is_refused():
+    spiece = shapes.train_tokenizer(["make the red circle blue", "delete the star", "[Video edit]"] * 20, 40)
+    shapes.check_known_pieces(spiece, "delete the red star", "the demo instruction")  # known characters
+    with pytest.raises(SamaInputError, match=r"the demo instruction 'löschen den Stern' has pieces the tokenizer "
+                                             r"never saw .*pick a prompt from the training templates"):
+        shapes.check_known_pieces(spiece, "löschen den Stern", "the demo instruction")
 
 
 @pytest.mark.slow

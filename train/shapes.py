@@ -7,7 +7,7 @@
 
 Stages (each a folder of the run; see docs/sama_shapes.md for what every one does and costs):
 
-    data      train + held-out SAMA-Shapes sets (train/synthetic.py, npz) and the demo clip
+    data      train + held-out SAMA-Shapes sets (train/synthetic.py, npz)
     vae       the tiny Wan VAE (train/vae_train.py), latent statistics folded in
     encoders  sentencepiece tokenizer trained on the instructions/captions + tiny UMT5 and tiny SigLIP,
               both random init and frozen
@@ -15,6 +15,8 @@ Stages (each a folder of the run; see docs/sama_shapes.md for what every one doe
     stage0    factorized pre-training (python -m train stage0): image edits + raw clips with pretexts
     cache1    feature cache of stage 1
     stage1    SFT on video edits + image edits, from stage 0's export
+    demo      the demo clip (split "demo", never trained on), its instruction and ground-truth edit: a stage
+              of its own so that a new demo pick re-exports the bundle without retraining anything
     export    the bundle (bundle.json + safetensors + sample clip), as sama_core.bundle.write_bundle writes it
     eval      python -m train.eval on the held-out set (+ stage 0 alone, zero-shot) and the model card
 
@@ -313,7 +315,10 @@ def stage_data(run: Run) -> None:
         run.echo(f"generating {clips} {split} clips")
         write_dataset(run.path("data", split), clips, seed=0, split=split, config=config, video_format="npz",
                       workers=run.budget.data_workers, overwrite=True)
-    write_demo_clip(run.path("data", "demo"))
+
+
+def stage_demo(run: Run) -> None:
+    write_demo_clip(run.path("demo"))
 
 
 # The demo's edit kind. Removal, because it is what the model does most reliably: on 100 held-out edits the
@@ -407,7 +412,9 @@ def stage_vae(run: Run) -> None:
 
 
 def instruction_corpus(data_dir: Path) -> list[str]:
-    """Every instruction and caption of the training set, the demo's, and the fixed prompts the model sees."""
+    """Every instruction and caption of the training set and the fixed prompts the model sees. Not the demo's
+    instruction (its stage comes later, so a new pick retrains nothing): it comes from the same templates,
+    and the export refuses one with pieces the tokenizer does not know (check_known_pieces)."""
     from sama_core.pretext import TASK_TOKENS
 
     from .synthetic import MANIFEST_NAMES, read_manifest
@@ -416,10 +423,18 @@ def instruction_corpus(data_dir: Path) -> list[str]:
         lines += [row["instruction"], row["image_instruction"], row["caption"]]
     lines += ["[Video edit] " + line for line in lines[:200]]
     lines += list(TASK_TOKENS.values()) + ["[Video edit]"]
-    demo = data_dir / "demo" / "sample.json"
-    if demo.exists():
-        lines.append(json.loads(demo.read_text())["instruction"])
     return lines
+
+
+def check_known_pieces(spiece: bytes, text: str, what: str) -> None:
+    """Refuse a prompt that the tokenizer maps to its unknown piece (characters it never saw)."""
+    import sentencepiece
+    sp = sentencepiece.SentencePieceProcessor(model_proto=spiece)
+    unknown = [piece for piece, i in zip(sp.encode(text, out_type=str), sp.encode(text)) if i == sp.unk_id()]
+    if unknown:
+        raise SamaInputError(f"{what} {text!r} has pieces the tokenizer never saw ({unknown}): the model cannot "
+                             "read it; pick a prompt from the training templates (train/synthetic.py), or rerun "
+                             "the encoders stage with it in the corpus")
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int) -> bytes:
@@ -543,9 +558,9 @@ class Stage:
 
 def data_digest(run: Run) -> str:
     """SHA-256 of what defines the data: each split's dataset.json (generator version, seed, config, count;
-    not the seconds it took) and manifests (every instruction, edit and caption), and the demo's sample.json."""
+    not the seconds it took) and manifests (every instruction, edit and caption)."""
     h = hashlib.sha256()
-    files = [run.path("data", "demo", "sample.json")]
+    files = []
     for split in ("train", "heldout"):
         folder = run.path("data", split)
         files += [folder / "dataset.json", *sorted(folder.glob("*.jsonl"))]
@@ -558,9 +573,14 @@ def data_digest(run: Run) -> str:
     return h.hexdigest()
 
 
+def demo_digest(run: Run) -> str:
+    """SHA-256 of the demo pick (sample.json: clip, kind, instruction, change); the clip follows from it."""
+    return hashlib.sha256(run.path("demo", "sample.json").read_bytes()).hexdigest()
+
+
 STAGES = (
-    Stage("data", (), ("data/train/dataset.json", "data/heldout/dataset.json", "data/demo/sample.json"),
-          ("data",), stage_data, digest=data_digest),
+    Stage("data", (), ("data/train/dataset.json", "data/heldout/dataset.json"), ("data",), stage_data,
+          digest=data_digest),
     Stage("vae", ("data",), ("vae/final/vae.safetensors",), ("vae",), stage_vae),
     Stage("encoders", ("data",), ("encoders/encoders.json",), ("encoders",), stage_encoders),
     Stage("cache0", ("data", "vae", "encoders"), ("cache/stage0/cache_index.json",), ("cache/stage0",),
@@ -571,8 +591,10 @@ STAGES = (
           lambda run: stage_cache(run, "stage1")),
     Stage("stage1", ("cache1", "stage0"), ("stage1/final/sama_dit.safetensors",), ("stage1",),
           lambda run: stage_train(run, "stage1")),
-    Stage("export", ("stage1", "vae", "encoders", "data"), ("bundle/dit.safetensors", "bundle/bundle.json"),
-          ("bundle",), stage_export),
+    Stage("demo", (), ("demo/sample.json", "demo/sample.mp4", "demo/sample_target.npz"), ("demo",), stage_demo,
+          digest=demo_digest),
+    Stage("export", ("stage1", "vae", "encoders", "data", "demo"),
+          ("bundle/dit.safetensors", "bundle/bundle.json"), ("bundle",), stage_export),
     Stage("eval", ("export", "stage0"), ("eval/results.md", "bundle/README.md"), ("eval",), stage_eval),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -711,15 +733,16 @@ def export_bundle(run: Run, folder: Path) -> Path:
     vae = load_wan_vae(run.path("vae", "final", "vae.safetensors"))
     text, spiece = load_umt5_encoder([run.path("encoders", "text_encoder.safetensors")], dtype=torch.float32)
     siglip = load_siglip_vision(run.path("encoders", "siglip"))
-    demo = json.loads(run.path("data", "demo", "sample.json").read_text())
+    demo = json.loads(run.path("demo", "sample.json").read_text())
+    check_known_pieces(spiece, demo["instruction"], "the demo instruction")
     defaults = {"steps": run.budget.sample_steps, "guidance": default_guidance(run), "shift": 5.0,
                 "target_area": 64 * 64}
     write_bundle(tmp, dit, vae, text, spiece, siglip, defaults, card=base_card(run, demo))
-    shutil.copy2(run.path("data", "demo", "sample.mp4"), tmp / "sample.mp4")
+    shutil.copy2(run.path("demo", "sample.mp4"), tmp / "sample.mp4")
     # The ground-truth edit of the demo clip (same motion, only the requested change): what the tests and
     # users compare the demo's output with.
     from .synthetic import load_clip, save_clip
-    save_clip(tmp / "sample_target.mp4", load_clip(run.path("data", "demo", "sample_target.npz")), crf=12)
+    save_clip(tmp / "sample_target.mp4", load_clip(run.path("demo", "sample_target.npz")), crf=12)
     size = sum(p.stat().st_size for p in tmp.iterdir())
     if size > MAX_BUNDLE_BYTES and run.budget.name == "full":
         raise SamaInputError(f"the bundle is {size / 2**20:.1f} MB, over the {MAX_BUNDLE_BYTES / 2**20:.0f} MB "
