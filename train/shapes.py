@@ -433,8 +433,8 @@ def check_known_pieces(spiece: bytes, text: str, what: str) -> None:
     unknown = [piece for piece, i in zip(sp.encode(text, out_type=str), sp.encode(text)) if i == sp.unk_id()]
     if unknown:
         raise SamaInputError(f"{what} {text!r} has pieces the tokenizer never saw ({unknown}): the model cannot "
-                             "read it; pick a prompt from the training templates (train/synthetic.py), or rerun "
-                             "the encoders stage with it in the corpus")
+                             "read it; pick a prompt made from the training templates (train/synthetic.py), whose "
+                             "words the tokenizer was trained on")
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int) -> bytes:
