@@ -624,7 +624,7 @@ def test_an_uncached_budget_trains_both_stages_from_the_clips(tmp_path):
     from train.config import load_config
     run = shapes.start_run(tmp_path, "tiny_gpu", "full", echo=lambda s: None)
     ran = shapes.run_pipeline(run, until="export")
-    assert ran == ["data", "vae", "encoders", "stage0", "stage1", "export"]
+    assert ran == ["data", "vae", "encoders", "stage0", "stage1", "demo", "export"]
     assert not (tmp_path / "cache").exists()
     assert load_config(tmp_path / "shapes_stage1.yaml").data.cache_dir is None
     index = json.loads((tmp_path / "stage1" / "data_index.json").read_text())  # the raw path's index
