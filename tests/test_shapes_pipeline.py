@@ -1036,7 +1036,7 @@ def test_a_demo_prompt_the_tokenizer_cannot_read_is_refused():
     spiece = shapes.train_tokenizer(["make the red circle blue", "delete the star", "[Video edit]"] * 20, 40)
     shapes.check_known_pieces(spiece, "delete the red star", "the demo instruction")  # known characters
     with pytest.raises(SamaInputError, match=r"the demo instruction 'löschen den Stern' has pieces the tokenizer "
-                                             r"never saw .*pick a prompt from the training templates"):
+                                             r"never saw .*pick a prompt made from the training templates"):
         shapes.check_known_pieces(spiece, "löschen den Stern", "the demo instruction")
 
 
