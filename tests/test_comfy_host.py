@@ -286,7 +286,9 @@ def test_interrupt_stops_a_running_prompt(comfy_server):
     assert result.interrupted and not result.ok
     assert result.files() == []
     interrupted_at = [data for event, data in result.messages if event == "execution_interrupted"][0]
-    assert re.fullmatch(r"[2-6]", str(interrupted_at["node_id"]))  # stopped inside the blur chain
+    # Stopped before the preview ran: inside the blur chain, or (on a loaded machine, seen once in session 12's
+    # CI rerun while a demo ran beside it) while the 12-image EmptyImage was still being made.
+    assert re.fullmatch(r"[1-6]", str(interrupted_at["node_id"]))
     assert interrupted_at["node_id"] not in interrupted_at["executed"]
     assert "6" not in interrupted_at["executed"]  # the preview never ran
 
