@@ -84,6 +84,10 @@ LOST_ERROR = 8.0           # px charged for a frame where a tracked object is no
 MIN_TRACK_PIXELS = 3
 VISIBLE_SHARE = 0.5        # "clearly visible": at least this share of the object's most visible frame's pixels
 PSNR_CAP = 100.0
+# Baseline row names (train/paired.py and train/shapes_compare.py tell them from the model rows by these).
+COPY_ROW = "copy (output = source)"
+GROUND_TRUTH_ROW = "ground truth"
+VAE_ROW = "VAE(target)"    # "VAE(target) ceiling" for the bundle's VAE, "VAE(target) NAME" for --extra-vae
 
 OBJECT_NAMES = list(OBJECT_COLORS)
 _OBJECT_RGB = np.array([OBJECT_COLORS[n] for n in OBJECT_NAMES], np.float32)  # (8, 3)
@@ -584,15 +588,15 @@ def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], see
         raise SamaInputError("--extra-dit / --extra-vae need --bundle (for the other components)")
     for baseline in baselines:
         if baseline == "copy":
-            methods["copy (output = source)"] = copy_method
+            methods[COPY_ROW] = copy_method
         elif baseline == "ground_truth":
-            methods["ground truth"] = ground_truth_method
+            methods[GROUND_TRUTH_ROW] = ground_truth_method
         elif baseline == "vae":
             if pipe is None:
                 raise SamaInputError("the 'vae' baseline needs --bundle (its VAE)")
-            methods["VAE(target) ceiling"] = vae_method(pipe.vae)
+            methods[f"{VAE_ROW} ceiling"] = vae_method(pipe.vae)
             for extra in extra_vaes:
-                methods[f"VAE(target) {extra}"] = vae_method(models[extra].vae)
+                methods[f"{VAE_ROW} {extra}"] = vae_method(models[extra].vae)
         else:
             raise SamaInputError(f"unknown baseline {baseline!r}; choose from copy, ground_truth, vae")
     if not methods:

@@ -27,11 +27,12 @@ from typing import Callable, Optional
 
 from sama_core.errors import SamaInputError
 
+from .eval import COPY_ROW, GROUND_TRUTH_ROW, VAE_ROW
 from .synthetic import EDIT_KINDS
 
 PER_EDIT = "per_edit.jsonl"
 # Rows train.eval adds next to the models: never the one to compare unless asked for by name.
-BASELINE_PREFIXES = ("copy (output = source)", "ground truth", "VAE(target)")
+BASELINE_PREFIXES = (COPY_ROW, GROUND_TRUTH_ROW, VAE_ROW)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,13 @@ from typing import Optional
 
 from sama_core.errors import SamaFileNotFoundError, SamaInputError
 
+from .eval import COPY_ROW, GROUND_TRUTH_ROW, VAE_ROW
+
 ARMS = {"full": "(a) full SAMA", "no_sa": "(b) without semantic anchoring", "no_ma": "(c) without motion alignment"}
 STAGE0_ARMS = {"full": "(d) stage 0 only (zero-shot)", "no_sa": "(b) stage 0 only", "no_ma": "(c) stage 0 only"}
 MODEL_ROW = "SAMA-Shapes"
 STAGE0_ROW = "stage 0 only (zero-shot)"
-BASELINE_ROWS = ("copy (output = source)", "VAE(target) ceiling", "ground truth")
+BASELINE_ROWS = (COPY_ROW, f"{VAE_ROW} ceiling", GROUND_TRUTH_ROW)
 
 
 def read_run(folder: Path) -> dict:
