@@ -13,7 +13,10 @@
 # `train.shapes run`, CLIPS of them). The run stops after MINUTES (train.max_minutes) with a checkpoint and
 # RUN/stage1/final/sama_dit.safetensors; running the script again continues it (--resume latest).
 # PREPARE_ONLY=1 stops after the clips and the config (e.g. to run bench/train_step.py on them first).
-# This is what session 5 ran on an H100 (docs/sama_shapes.md has the numbers).
+# EMA sets ema.decay (0.999). EXTRA holds more config overrides, space-separated, applied last, e.g.
+#   EXTRA="train.keep_region_weight=25 optim.decay_from_step=1200 optim.final_lr=1e-4"
+# Two runs can share one GPU side by side (each is bound by kernel launches, not by the chip): give each its
+# own RUN and WORKERS=8. Sessions 5 and 13 ran this on an H100 (docs/sama_shapes.md has the numbers).
 set -euo pipefail
 PY=${PYTHON:-python3}
 RUN=${RUN:?set RUN to the run folder (see the header of this script)}
@@ -21,6 +24,7 @@ MINUTES=${MINUTES:-6}
 CLIPS=${CLIPS:-2000}
 BATCH=${BATCH:-64}
 LR=${LR:-5e-4}
+EMA=${EMA:-0.999}
 WORKERS=${WORKERS:-$(nproc)}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -43,10 +47,11 @@ save_config(load_config(sys.argv[1], sys.argv[2:]), sys.argv[1])' "$RUN/stage1_g
   model.init_from=init/sama_dit.safetensors data.cache_dir=null \
   data.num_workers=$(( WORKERS > 12 ? 12 : WORKERS )) data.probe_workers="$WORKERS" \
   train.batch_size="$BATCH" train.max_steps=1000000 train.max_minutes="$MINUTES" \
-  optim.lr="$LR" optim.warmup_steps=200 ema.decay=0.999 checkpoint.keep=2 validation.every=0 log.every=100
+  optim.lr="$LR" optim.warmup_steps=200 ema.decay="$EMA" checkpoint.keep=2 validation.every=0 log.every=100 \
+  ${EXTRA:-}
 
 [ "${PREPARE_ONLY:-0}" = 1 ] && { echo "== prepared $RUN/stage1_gpu.yaml"; exit 0; }
 
-echo "== stage 1 for $MINUTES min (batch $BATCH, lr $LR)"
+echo "== stage 1 for $MINUTES min (batch $BATCH, lr $LR, EMA $EMA${EXTRA:+, $EXTRA})"
 "$PY" -m train stage1 --config "$RUN/stage1_gpu.yaml" --resume latest
 echo "== exported $RUN/stage1/final/sama_dit.safetensors"

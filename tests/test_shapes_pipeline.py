@@ -970,7 +970,8 @@ def test_stage1_gpu_script_continues_a_dit_from_fresh_clips_on_the_clock(tiny_ru
     shutil.copytree(tiny_run["out"] / "encoders", run / "encoders")
     (run / "init").mkdir()
     shutil.copy2(tiny_run["out"] / "stage0" / "final" / "sama_dit.safetensors", run / "init")
-    env = dict(os.environ, RUN=str(run), MINUTES="0.01", CLIPS="2", BATCH="2", WORKERS="1", PYTHON=sys.executable)
+    env = dict(os.environ, RUN=str(run), MINUTES="0.01", CLIPS="2", BATCH="2", WORKERS="1", PYTHON=sys.executable,
+               EMA="0.99", EXTRA="train.keep_region_weight=25 optim.decay_from_step=5 optim.final_lr=1e-4")
     script = os.path.join(REPO, "scripts", "shapes_stage1_gpu.sh")
     for attempt in (1, 2):  # the second call continues the first (--resume latest)
         done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
@@ -979,9 +980,51 @@ def test_stage1_gpu_script_continues_a_dit_from_fresh_clips_on_the_clock(tiny_ru
     assert "resumed from" in done.stdout + done.stderr
     assert (run / "data" / "train" / "video_edits.jsonl").is_file()
     assert (run / "stage1" / "final" / "sama_dit.safetensors").is_file()
+    from train.config import load_config
+    cfg = load_config(run / "stage1_gpu.yaml")  # EMA and EXTRA reach the resolved config
+    assert cfg.ema.decay == 0.99 and cfg.train.keep_region_weight == 25
+    assert cfg.optim.decay_from_step == 5 and cfg.optim.final_lr == 1e-4
     empty = subprocess.run(["bash", script], env=dict(env, RUN=str(tmp_path / "empty")), capture_output=True,
                            text=True)
     assert empty.returncode == 2 and "missing" in empty.stderr and "vae.safetensors" in empty.stderr
+
+
+@pytest.mark.slow
+def test_stage1_gpu_arms_script_trains_runs_side_by_side_and_writes_bundle_ready_dits(tiny_run, tmp_path):
+    """scripts/shapes_stage1_gpu_arms.sh (session 13's H100 lease) at toy size on CPU: two arms, one deadline."""
+    import subprocess
+
+    from sama_core.loading import load_dit
+    base = tmp_path / "base"
+    shutil.copytree(tiny_run["out"] / "vae" / "final", base / "vae" / "final")
+    shutil.copytree(tiny_run["out"] / "encoders", base / "encoders")
+    (base / "init").mkdir()
+    init = tiny_run["out"] / "stage0" / "final" / "sama_dit.safetensors"
+    shutil.copy2(init, base / "init")
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, OUT=str(out), WORK=str(work), BATCH="2", WORKERS="1", GEN_WORKERS="1", LR="1e-3",
+               EMA="0.9", EXTRA="train.keep_region_weight=25", PYTHON=sys.executable)
+    script = os.path.join(REPO, "scripts", "shapes_stage1_gpu_arms.sh")
+    done = subprocess.run(["bash", script, str(base), "1", "small:2", "large:3"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    logs = {name: (out / f"{name}.log").read_text() for name in ("small", "large")}
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + str(logs)
+    start = load_dit(init, dtype=torch.float32).state_dict()
+    for name, clips in (("small", 2), ("large", 3)):
+        assert f"{name}: {clips} clips" in logs[name] and "train.max_minutes (0.2) spent" in logs[name]
+        ema = load_dit(out / f"{name}_ema.safetensors")  # the config travels in the file: heads are known
+        raw = load_dit(out / f"{name}_raw.safetensors")
+        assert next(ema.parameters()).dtype == torch.float16
+        moved = {k: (raw.state_dict()[k].float() - start[k]).abs().max().item() for k in start}
+        assert max(moved.values()) > 1e-3  # trained
+        assert any((ema.state_dict()[k] != raw.state_dict()[k]).any() for k in start)  # the EMA is not the raw
+    # the smaller arm's clips are the first ones of the larger arm's (the same seed and split)
+    small = (work / "small" / "data" / "train" / "video_edits.jsonl").read_text().splitlines()
+    large = (work / "large" / "data" / "train" / "video_edits.jsonl").read_text().splitlines()
+    assert len(small) == 10 and large[:10] == small
+    missing = subprocess.run(["bash", script, str(tmp_path / "nothing"), "1", "a:1"], env=env, capture_output=True,
+                             text=True)
+    assert missing.returncode == 2 and "missing" in missing.stderr and "vae.safetensors" in missing.stderr
 
 
 @pytest.mark.slow

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Several stage-1 runs side by side on one GPU, each through scripts/shapes_stage1_gpu.sh on its own clips,
+# all stopping by one deadline; what session 13 ran on an H100 (docs/sama_shapes.md has the numbers).
+# A tiny DiT step is bound by kernel launches and by data loading, not by the chip, so two runs share an
+# H100 well: ~250 samples/s each, against ~336 for one run alone (session 5).
+#
+#   OUT=FOLDER bash scripts/shapes_stage1_gpu_arms.sh BASE_RUN END_S NAME:CLIPS [NAME:CLIPS ...]
+#
+# BASE_RUN holds what scripts/shapes_stage1_gpu.sh needs (vae/final, encoders, init/sama_dit.safetensors).
+# Each arm NAME gets a copy of it in WORK/NAME (WORK defaults to /tmp), CLIPS training clips (train split,
+# seed 0: a smaller arm's clips are the first ones of a larger arm's), and a clock that ends its training
+# END_S seconds after this script started (minus a minute for loading). It writes OUT/NAME.log and, in fp16
+# with the DiT's config (ready for a bundle's dit.safetensors):
+#   OUT/NAME_ema.safetensors   the EMA weights (the stage's export)
+#   OUT/NAME_raw.safetensors   the raw weights of the last checkpoint
+# Settings: the environment of scripts/shapes_stage1_gpu.sh (BATCH, LR, EMA, EXTRA, ...) applies to every
+# arm; WORKERS (8) data-loading processes per arm; GEN_WORKERS (8) clip-generation processes per arm.
+set -uo pipefail
+PY=${PYTHON:-python3}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # runs side by side: no oversubscription
+BASE=${1:?the base run folder (see the header)}; END_S=${2:?seconds from now by which training ends}; shift 2
+OUT=${OUT:?set OUT to the folder for the logs and DiT files}
+WORK=${WORK:-/tmp}
+[ $# -ge 1 ] || { echo "give at least one NAME:CLIPS" >&2; exit 2; }
+for need in vae/final/vae.safetensors encoders/text_encoder.safetensors init/sama_dit.safetensors; do
+  [ -f "$BASE/$need" ] || { echo "missing $BASE/$need (see the header of $0)" >&2; exit 2; }
+done
+mkdir -p "$OUT" "$WORK"
+T0=$(date +%s)
+
+arm() {  # NAME CLIPS
+  local name=$1 clips=$2 run="$WORK/$1" log="$OUT/$1.log" mins
+  rm -rf "$run"; cp -r "$BASE" "$run"
+  "$PY" -m train.synthetic --out "$run/data/train" --clips "$clips" --seed 0 --split train --format npz \
+    --workers "${GEN_WORKERS:-8}" --overwrite > "$log" 2>&1 || { echo "$name: clip generation failed" >> "$log"; return 1; }
+  mins=$("$PY" -c "import sys, time; print(round(max(0.2, (float(sys.argv[1]) - time.time() - 60) / 60), 2))" \
+    $(( T0 + END_S )))
+  echo "$name: $clips clips in $(( $(date +%s) - T0 )) s; training for $mins min" >> "$log"
+  RUN=$run CLIPS=$clips WORKERS=${WORKERS:-8} MINUTES=$mins bash "$ROOT/scripts/shapes_stage1_gpu.sh" >> "$log" 2>&1 \
+    || { echo "$name: training failed" >> "$log"; return 1; }
+  "$PY" - "$run/stage1" "$OUT/$name" >> "$log" 2>&1 <<'EOF'
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from sama_core.loading import load_dit, save_dit
+from train.checkpoint import list_checkpoints
+
+stage, prefix = Path(sys.argv[1]), sys.argv[2]
+dit = load_dit(stage / "final" / "sama_dit.safetensors", dtype=torch.float32)  # the export: EMA + config
+save_dit(dit.to(torch.float16), f"{prefix}_ema.safetensors")
+step, last = list_checkpoints(stage)[-1]
+dit.float().load_state_dict(load_file(str(last / "model.safetensors")))
+save_dit(dit.to(torch.float16), f"{prefix}_raw.safetensors")
+print(f"wrote {prefix}_ema.safetensors and {prefix}_raw.safetensors (step {step}, fp16)")
+EOF
+  echo "$name: done in $(( $(date +%s) - T0 )) s" >> "$log"
+}
+
+pids=()
+for spec in "$@"; do
+  arm "${spec%%:*}" "${spec#*:}" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+for spec in "$@"; do grep -E "^(${spec%%:*}: |wrote )|train.loop: step" "$OUT/${spec%%:*}.log" | tail -n 4; done
+exit $status
