@@ -1002,22 +1002,22 @@ def test_stage1_gpu_arms_script_trains_runs_side_by_side_and_writes_bundle_ready
     init = tiny_run["out"] / "stage0" / "final" / "sama_dit.safetensors"
     shutil.copy2(init, base / "init")
     out, work = tmp_path / "out", tmp_path / "work"
+    # No warm-up: even one step on a loaded machine must move the weights past fp16's rounding.
     env = dict(os.environ, OUT=str(out), WORK=str(work), BATCH="2", WORKERS="1", GEN_WORKERS="1", LR="1e-3",
-               EMA="0.9", EXTRA="train.keep_region_weight=25", PYTHON=sys.executable)
+               EMA="0.9", EXTRA="train.keep_region_weight=25 optim.warmup_steps=0", PYTHON=sys.executable)
     script = os.path.join(REPO, "scripts", "shapes_stage1_gpu_arms.sh")
     done = subprocess.run(["bash", script, str(base), "1", "small:2", "large:3"], env=env, capture_output=True,
                           text=True, timeout=900)
     logs = {name: (out / f"{name}.log").read_text() for name in ("small", "large")}
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + str(logs)
-    start = load_dit(init, dtype=torch.float32).state_dict()
+    start = {k: v.half() for k, v in load_dit(init, dtype=torch.float32).state_dict().items()}  # as stored
     for name, clips in (("small", 2), ("large", 3)):
         assert f"{name}: {clips} clips" in logs[name] and "train.max_minutes (0.2) spent" in logs[name]
-        ema = load_dit(out / f"{name}_ema.safetensors")  # the config travels in the file: heads are known
-        raw = load_dit(out / f"{name}_raw.safetensors")
-        assert next(ema.parameters()).dtype == torch.float16
-        moved = {k: (raw.state_dict()[k].float() - start[k]).abs().max().item() for k in start}
-        assert max(moved.values()) > 1e-3  # trained
-        assert any((ema.state_dict()[k] != raw.state_dict()[k]).any() for k in start)  # the EMA is not the raw
+        ema = load_dit(out / f"{name}_ema.safetensors").state_dict()  # the config travels in the file
+        raw = load_dit(out / f"{name}_raw.safetensors").state_dict()
+        assert set(raw) == set(start) and raw["patch_embedding.weight"].dtype == torch.float16
+        assert any((raw[k] != start[k]).any() for k in start)  # trained (the steps a slow machine allows)
+        assert any((ema[k] != raw[k]).any() for k in start)  # the EMA is not the raw
     # the smaller arm's clips are the first ones of the larger arm's (the same seed and split)
     small = (work / "small" / "data" / "train" / "video_edits.jsonl").read_text().splitlines()
     large = (work / "large" / "data" / "train" / "video_edits.jsonl").read_text().splitlines()
