@@ -15,8 +15,8 @@
 # PREPARE_ONLY=1 stops after the clips and the config (e.g. to run bench/train_step.py on them first).
 # EMA sets ema.decay (0.999). EXTRA holds more config overrides, space-separated, applied last, e.g.
 #   EXTRA="train.keep_region_weight=25 optim.decay_from_step=1200 optim.final_lr=1e-4"
-# Two runs can share one GPU side by side (each is bound by kernel launches, not by the chip): give each its
-# own RUN and WORKERS=8. Sessions 5 and 13 ran this on an H100 (docs/sama_shapes.md has the numbers).
+# Several runs side by side on one GPU: scripts/shapes_stage1_gpu_arms.sh. Sessions 5 and 13 ran this on an
+# H100 (docs/sama_shapes.md has the numbers).
 set -euo pipefail
 PY=${PYTHON:-python3}
 RUN=${RUN:?set RUN to the run folder (see the header of this script)}

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Several stage-1 runs side by side on one GPU, each through scripts/shapes_stage1_gpu.sh on its own clips,
 # all stopping by one deadline; what session 13 ran on an H100 (docs/sama_shapes.md has the numbers).
-# A tiny DiT step is bound by kernel launches and by data loading, not by the chip, so two runs share an
-# H100 well: ~250 samples/s each, against ~336 for one run alone (session 5).
+# The tiny DiT leaves an H100 partly idle (43-97% utilisation with two runs), so two runs share it well:
+# ~250 samples/s each (session 13), against ~336 for one run alone (session 5).
 #
 #   OUT=FOLDER bash scripts/shapes_stage1_gpu_arms.sh BASE_RUN END_S NAME:CLIPS [NAME:CLIPS ...]
 #
