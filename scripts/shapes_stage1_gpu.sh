@@ -12,7 +12,8 @@
 # The training clips are generated here (train.synthetic, seed 0, split train: the same clips as
 # `train.shapes run`, CLIPS of them). The run stops after MINUTES (train.max_minutes) with a checkpoint and
 # RUN/stage1/final/sama_dit.safetensors; running the script again continues it (--resume latest).
-# PREPARE_ONLY=1 stops after the clips and the config (e.g. to run bench/train_step.py on them first).
+# PREPARE_ONLY=1 stops after the clips and the config (e.g. to run bench/train_step.py on them first);
+# CHECK_ONLY=1 stops after checking that RUN holds the files above (exit 2 naming the first missing one).
 # EMA sets ema.decay (0.999). EXTRA holds more config overrides, space-separated, applied last, e.g.
 #   EXTRA="train.keep_region_weight=25 optim.decay_from_step=1200 optim.final_lr=1e-4"
 # Several runs side by side on one GPU: scripts/shapes_stage1_gpu_arms.sh. Sessions 5 and 13 ran this on an
@@ -32,6 +33,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 for need in vae/final/vae.safetensors encoders/text_encoder.safetensors init/sama_dit.safetensors; do
   [ -f "$RUN/$need" ] || { echo "missing $RUN/$need (see the header of $0)" >&2; exit 2; }
 done
+[ "${CHECK_ONLY:-0}" = 1 ] && exit 0
 
 if [ ! -f "$RUN/data/train/dataset.json" ]; then
   echo "== generating $CLIPS training clips ($WORKERS processes)"

@@ -24,9 +24,7 @@ BASE=${1:?the base run folder (see the header)}; END_S=${2:?seconds from now by 
 OUT=${OUT:?set OUT to the folder for the logs and DiT files}
 WORK=${WORK:-/tmp}
 [ $# -ge 1 ] || { echo "give at least one NAME:CLIPS" >&2; exit 2; }
-for need in vae/final/vae.safetensors encoders/text_encoder.safetensors init/sama_dit.safetensors; do
-  [ -f "$BASE/$need" ] || { echo "missing $BASE/$need (see the header of $0)" >&2; exit 2; }
-done
+RUN=$BASE CHECK_ONLY=1 bash "$ROOT/scripts/shapes_stage1_gpu.sh" || exit 2  # every arm needs those files
 mkdir -p "$OUT" "$WORK"
 T0=$(date +%s)
 

@@ -961,15 +961,23 @@ def test_tiny_bundle_loads_through_the_pipeline_and_the_demo_runs(tiny_run, tmp_
     assert (tmp_path / "compare.png").exists() and (tmp_path / "edit.mp4").exists()
 
 
+def gpu_script_run_folder(tiny_run, folder):
+    """What scripts/shapes_stage1_gpu.sh needs in RUN, from the tiny run: its VAE, encoders and stage 0's DiT
+    as init/; returns that DiT's path in the tiny run."""
+    init = tiny_run["out"] / "stage0" / "final" / "sama_dit.safetensors"
+    shutil.copytree(tiny_run["out"] / "vae" / "final", folder / "vae" / "final")
+    shutil.copytree(tiny_run["out"] / "encoders", folder / "encoders")
+    (folder / "init").mkdir()
+    shutil.copy2(init, folder / "init")
+    return init
+
+
 @pytest.mark.slow
 def test_stage1_gpu_script_continues_a_dit_from_fresh_clips_on_the_clock(tiny_run, tmp_path):
     """scripts/shapes_stage1_gpu.sh (what ran on the H100 in session 5), on the tiny run's parts, on CPU."""
     import subprocess
     run = tmp_path / "run"
-    shutil.copytree(tiny_run["out"] / "vae" / "final", run / "vae" / "final")
-    shutil.copytree(tiny_run["out"] / "encoders", run / "encoders")
-    (run / "init").mkdir()
-    shutil.copy2(tiny_run["out"] / "stage0" / "final" / "sama_dit.safetensors", run / "init")
+    gpu_script_run_folder(tiny_run, run)
     env = dict(os.environ, RUN=str(run), MINUTES="0.01", CLIPS="2", BATCH="2", WORKERS="1", PYTHON=sys.executable,
                EMA="0.99", EXTRA="train.keep_region_weight=25 optim.decay_from_step=5 optim.final_lr=1e-4")
     script = os.path.join(REPO, "scripts", "shapes_stage1_gpu.sh")
@@ -996,11 +1004,7 @@ def test_stage1_gpu_arms_script_trains_runs_side_by_side_and_writes_bundle_ready
 
     from sama_core.loading import load_dit
     base = tmp_path / "base"
-    shutil.copytree(tiny_run["out"] / "vae" / "final", base / "vae" / "final")
-    shutil.copytree(tiny_run["out"] / "encoders", base / "encoders")
-    (base / "init").mkdir()
-    init = tiny_run["out"] / "stage0" / "final" / "sama_dit.safetensors"
-    shutil.copy2(init, base / "init")
+    init = gpu_script_run_folder(tiny_run, base)
     out, work = tmp_path / "out", tmp_path / "work"
     # No warm-up: even one step on a loaded machine must move the weights past fp16's rounding.
     env = dict(os.environ, OUT=str(out), WORK=str(work), BATCH="2", WORKERS="1", GEN_WORKERS="1", LR="1e-3",
