@@ -195,9 +195,23 @@ class SamaPipeline:
                     should_interrupt: Optional[Callable[[], bool]] = None):
         """frames (F, H, W, 3) in [0, 1] -> (edited frames at the source size, the sampling result)."""
         settings = settings or EditSettings()
-        options = options or self.sampler_options()
         if settings.blank_frames is not None:
             frames = blank_frames(frames, *settings.blank_frames)
+        result, count, plan = self.sample_edit(frames, instruction, settings, options, callback, should_interrupt)
+        decoded = vio.vae_output_to_frames(self.vae.decode(result.latents))  # (F', H, W, 3)
+        edited = vio.trim(decoded, count)
+        if settings.restore_size:
+            edited = vio.restore(edited, plan, source=frames)
+        return edited, result
+
+    def sample_edit(self, frames: torch.Tensor, instruction: str, settings: Optional[EditSettings] = None,
+                    options: Optional[SamplerOptions] = None, callback: Optional[Callable[[StepInfo], None]] = None,
+                    should_interrupt: Optional[Callable[[], bool]] = None):
+        """edit_frames up to the sampled latents, without decoding: frames (F, H, W, 3) in [0, 1] (already
+        blanked) -> (the sampling result, its normalised latents (1, 16, T, h, w) in result.latents; the
+        source frame count; the resize plan). train.sampled_latents keeps such latents to train a decoder."""
+        settings = settings or EditSettings()
+        options = options or self.sampler_options()
         source_h, source_w = frames.shape[1:3]
         area = settings.target_area or self.defaults.get("target_area", vio.REFERENCE_BUCKET_AREA)
         width, height = vio.resolve_size(source_w, source_h, settings.width, settings.height, area)
@@ -216,11 +230,7 @@ class SamaPipeline:
         with torch.no_grad():
             result: SampleResult = sample(self.dit, cond, uncond, source=source, options=options,
                                           anchor_tokens=anchor, callback=callback, should_interrupt=should_interrupt)
-        decoded = vio.vae_output_to_frames(self.vae.decode(result.latents))  # (F', H, W, 3)
-        edited = vio.trim(decoded, count)
-        if settings.restore_size:
-            edited = vio.restore(edited, plan, source=frames)
-        return edited, result
+        return result, count, plan
 
     def edit_file(self, video_path, instruction: str, out_path, settings: Optional[EditSettings] = None,
                   options: Optional[SamplerOptions] = None, compare: bool = False, callback=None,

@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import yaml
 
@@ -121,6 +122,13 @@ class VAEDataConfig:
     stats_clips: int = 128              # training clips the export measures the latent statistics on
     eval_dataset: Optional[str] = None  # held-out SAMA-Shapes folder for the export's reconstruction PSNR
     eval_clips: int = 32
+    # The DiT's own latents (folders of `python -m train.sampled_latents`; trainable: decoder only):
+    # `sampled_per_batch` of each process's batch_size samples are such a latent, decoded and compared with its
+    # edit's ground-truth target outside the edit region (the kept objects and the background, which the DiT
+    # copies; inside it a failed edit's latent does not say what the target holds). The rest are encoded
+    # clips as before, so the decoder keeps reading the encoder's latents. 0 = off.
+    sampled_latents: list = dataclasses.field(default_factory=list)
+    sampled_per_batch: int = 0
 
 
 @dataclasses.dataclass
@@ -237,9 +245,32 @@ def validate_vae_config(cfg: VAETrainConfig) -> None:
     if cfg.loss.latent_noise and cfg.trainable != "decoder":
         raise SamaInputError("loss.latent_noise needs trainable: decoder (the noise is in the units of a finished, "
                              "normalised encoder's latents)")
+    check_sampled_latents_config(cfg)
     for name in ("l1", "mse", "kl", "latent_noise"):
         if getattr(cfg.loss, name) < 0:
             raise SamaInputError(f"loss.{name} must be >= 0, got {getattr(cfg.loss, name)}")
+
+
+def check_sampled_latents_config(cfg: VAETrainConfig) -> None:
+    data = cfg.data
+    k = data.sampled_per_batch
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise SamaInputError(f"data.sampled_per_batch must be an integer >= 0, got {k!r}")
+    if bool(k) != bool(data.sampled_latents):
+        raise SamaInputError("data.sampled_latents and data.sampled_per_batch go together: give the folders of "
+                             "`python -m train.sampled_latents` and how many of each batch's samples they fill "
+                             f"(got {len(data.sampled_latents)} folder(s), sampled_per_batch {k})")
+    if not k:
+        return
+    if cfg.trainable != "decoder":
+        raise SamaInputError("data.sampled_latents needs trainable: decoder (the DiT sampled them in the init "
+                             "file's latent space; a trained encoder would leave it)")
+    if k >= cfg.batch_size:
+        raise SamaInputError(f"data.sampled_per_batch ({k}) must be below batch_size ({cfg.batch_size}): the "
+                             "rest are encoded clips, which keep the decoder reading the encoder's latents")
+    if data.image_steps or data.long_from_step is not None:
+        raise SamaInputError("data.sampled_latents decodes whole clips: set data.image_steps=0 and "
+                             "data.long_from_step=null, and data.num_frames to the clips' frame count (17)")
 
 
 def vae_config_from_dict(values: dict, overrides=(), base_dir=None) -> VAETrainConfig:
@@ -307,6 +338,52 @@ class ClipPool:
         if latent_noise:
             return frames, noise, torch.randn(noise.shape, generator=g)
         return frames, noise
+
+
+class SampledLatentPool:
+    """Latents the DiT sampled (train.sampled_latents) with their edits' targets and keep masks; batch n is a
+    pure function of (seed, n), like ClipPool's."""
+
+    def __init__(self, files: list[Path]):
+        self.files = list(files)
+
+    @classmethod
+    def from_folders(cls, folders) -> "SampledLatentPool":
+        from .sampled_latents import sampled_latent_files
+        return cls(sampled_latent_files(folders))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int, num_frames: int):
+        """(raw latents (16, T, h, w), target frames (3, F, H, W) in [-1, 1], keep weight (1, F, H, W))."""
+        from sama_core.vae import denormalize_latents
+
+        from .sampled_latents import read_sampled_latent
+        from .synthetic import load_clip
+        latents, meta = read_sampled_latent(self.files[index])
+        target = load_clip(meta["target_video"])  # (F, H, W, 3) in [0, 1]
+        with np.load(meta["mask_file"], allow_pickle=False) as masks:
+            edit_mask = torch.from_numpy(masks[meta["edit_mask_key"]])  # (F, H, W) bool
+        frames, height, width = target.shape[:3]
+        if tuple(latents.shape[2:]) != (height // 8, width // 8) or edit_mask.shape != target.shape[:3]:
+            raise SamaInputError(f"{self.files[index]}: latents of {latents.shape[3] * 8}x{latents.shape[2] * 8} "
+                                 f"pixels for a {width}x{height} target ({meta['target_video']}): the DiT was "
+                                 "sampled at another size; write them again from clips at the bundle's size")
+        if frames != num_frames or 1 + 4 * (latents.shape[1] - 1) != frames:
+            raise SamaInputError(f"{self.files[index]}: {latents.shape[1]} latent frames for a {frames}-frame "
+                                 f"target ({meta['target_video']}), but the decoder trains on "
+                                 f"data.num_frames={num_frames}: set data.num_frames={frames}")
+        raw = denormalize_latents(torch.from_numpy(latents)[None])[0]  # the pipeline's normalised -> the VAE's
+        keep = (~edit_mask).float()[None]
+        return raw, target.permute(3, 0, 1, 2) * 2.0 - 1.0, keep
+
+    def batch(self, step: int, count: int, num_frames: int, seed: int):
+        """(raw latents (B, 16, T, h, w), targets (B, 3, F, H, W), keep weights (B, 1, F, H, W)). No flips:
+        a flipped latent is not the latent of the flipped clip."""
+        g = torch.Generator().manual_seed(derive_seed(seed, "vae-sampled-batch", step))
+        picks = [self.load(i, num_frames) for i in torch.randint(len(self.files), (count,), generator=g).tolist()]
+        return tuple(torch.stack(parts) for parts in zip(*picks))
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -407,7 +484,10 @@ class ReconstructionModel(torch.nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, frames: torch.Tensor, noise: torch.Tensor, extra: Optional[torch.Tensor] = None):
+    def forward(self, frames: torch.Tensor, noise: torch.Tensor, extra: Optional[torch.Tensor] = None,
+                sampled: Optional[torch.Tensor] = None):
+        """sampled: raw latents (B', 16, T, h, w) decoded after the B encoded ones (data.sampled_latents):
+        the output is (B + B', 3, F, H, W); mean / logvar are the B encoded samples'."""
         # A frozen encoder (trainable: decoder) runs without a graph: half the memory, no backward through it.
         frozen = not any(p.requires_grad for p in self.vae.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
@@ -415,6 +495,8 @@ class ReconstructionModel(torch.nn.Module):
         z = posterior.mean + posterior.std * noise.to(posterior.mean)  # (B, 16, T, h, w)
         if extra is not None:  # loss.latent_noise, already scaled to raw latent units
             z = z + extra.to(z)
+        if sampled is not None:
+            z = torch.cat([z, sampled.to(z)])
         return decode_unclamped(self.vae, z), posterior.mean, posterior.logvar
 
 
@@ -427,10 +509,18 @@ class VAELoss:
 
 
 def reconstruction_loss(recon: torch.Tensor, frames: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
-                        weights: VAELossConfig) -> VAELoss:
-    """L1 + MSE over pixels, KL(N(mean, exp(logvar)) || N(0, 1)) per latent element; all means."""
+                        weights: VAELossConfig, pixel_weight: Optional[torch.Tensor] = None) -> VAELoss:
+    """L1 + MSE over pixels, KL(N(mean, exp(logvar)) || N(0, 1)) per latent element; all means.
+    pixel_weight (B, 1, F, H, W): the pixel means become weighted means (data.sampled_latents' keep region),
+    and the low-pass term compares the weighted difference."""
     diff = recon.float() - frames.float()
-    l1, mse = diff.abs().mean(), diff.pow(2).mean()
+    if pixel_weight is None:
+        l1, mse = diff.abs().mean(), diff.pow(2).mean()
+    else:
+        w = pixel_weight.float().expand_as(diff)
+        total_weight = w.sum().clamp_min(1e-8)
+        l1, mse = (diff.abs() * w).sum() / total_weight, (diff.pow(2) * w).sum() / total_weight
+        diff = diff * w
     kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).mean()
     total = weights.l1 * l1 + weights.mse * mse + weights.kl * kl
     if weights.lowpass:
@@ -563,6 +653,9 @@ def export_vae(cfg: VAETrainConfig, vae, pool: ClipPool, step: int, used_ema: bo
         "normalized_mean": _rounded(norm_mean), "normalized_std": _rounded(norm_std),
         "train_psnr": reconstruction_psnr(loaded, stats_clips[: cfg.data.eval_clips]),
     }
+    if cfg.data.sampled_per_batch:
+        report["sampled_latents"] = {"folders": [str(f) for f in cfg.data.sampled_latents],
+                                     "per_batch": cfg.data.sampled_per_batch}
     if cfg.data.eval_dataset:
         heldout = ClipPool.from_datasets([cfg.resolve_path(cfg.data.eval_dataset)])
         report["heldout_psnr"] = reconstruction_psnr(
@@ -626,6 +719,8 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
     if accelerator.is_main_process:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     pool = ClipPool.from_datasets([cfg.resolve_path(d) for d in cfg.data.datasets])
+    sampled_pool = (SampledLatentPool.from_folders([cfg.resolve_path(d) for d in cfg.data.sampled_latents])
+                    if cfg.data.sampled_per_batch else None)
     vae = initial_vae(cfg)
     model = ReconstructionModel(vae).train()
     trained = [p for p in model.parameters() if p.requires_grad]  # all, or the decoder side (trainable)
@@ -641,6 +736,9 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
              sum(p.numel() for p in unwrapped.parameters()) / 1e6, sum(p.numel() for p in trained) / 1e6,
              len(pool), accelerator.num_processes, cfg.data.image_steps, cfg.data.image_batch_size,
              cfg.batch_size, cfg.data.num_frames, cfg.max_steps)
+    if sampled_pool is not None:
+        log.info("%d of each batch's %d samples: the DiT's sampled latents (%d files), compared with their "
+                 "targets outside the edit region", cfg.data.sampled_per_batch, cfg.batch_size, len(sampled_pool))
 
     # loss.latent_noise is in normalised units: raw latent = normalised * Wan2.1 std + mean (sama_core.vae).
     latent_noise_scale = cfg.loss.latent_noise * torch.tensor(WAN21_LATENTS_STD).view(1, -1, 1, 1, 1)
@@ -652,7 +750,7 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
     metrics_path = out / "logs" / "metrics.jsonl"
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     rank = accelerator.process_index
-    sums, count, samples, t0 = torch.zeros(4), 0, 0, time.perf_counter()
+    sums, count, samples, t0 = torch.zeros(5), 0, 0, time.perf_counter()
     bar = _progress_bar(cfg, accelerator, step)
     deadline = loop.deadline_after(cfg.max_minutes)
     while step < cfg.max_steps:
@@ -660,14 +758,31 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         num_frames, batch_size = phase(cfg, step)
-        frames, noise, *extra = pool.batch(step, batch_size * accelerator.num_processes, num_frames, cfg.seed,
+        n_sampled = cfg.data.sampled_per_batch if sampled_pool is not None else 0
+        n_encoded = batch_size - n_sampled
+        frames, noise, *extra = pool.batch(step, n_encoded * accelerator.num_processes, num_frames, cfg.seed,
                                            cfg.data.hflip, latent_noise=bool(cfg.loss.latent_noise))
-        part = slice(rank * batch_size, (rank + 1) * batch_size)  # this process's share
+        part = slice(rank * n_encoded, (rank + 1) * n_encoded)  # this process's share
         extra = (extra[0][part] * latent_noise_scale).to(accelerator.device) if extra else None
+        targets, sampled, pixel_weight = frames[part].to(accelerator.device), None, None
+        if n_sampled:
+            latents, sampled_targets, keep = sampled_pool.batch(step, n_sampled * accelerator.num_processes,
+                                                                num_frames, cfg.seed)
+            share = slice(rank * n_sampled, (rank + 1) * n_sampled)
+            sampled = latents[share].to(accelerator.device)
+            targets = torch.cat([targets, sampled_targets[share].to(accelerator.device)])
+            pixel_weight = torch.cat([torch.ones((n_encoded, *keep.shape[1:])), keep[share]]).to(accelerator.device)
         with accelerator.autocast():
             recon, mean, logvar = model(frames[part].to(accelerator.device), noise[part].to(accelerator.device),
-                                        extra)
-        loss = reconstruction_loss(recon, frames[part].to(accelerator.device), mean, logvar, cfg.loss)
+                                        extra, sampled)
+        loss = reconstruction_loss(recon, targets, mean, logvar, cfg.loss, pixel_weight)
+        if n_sampled:  # logged apart: how well the decoder renders the DiT's latents where they should copy
+            with torch.no_grad():
+                w = pixel_weight[n_encoded:].expand_as(recon[n_encoded:])
+                sampled_mse = (((recon[n_encoded:].float() - targets[n_encoded:]).pow(2) * w).sum()
+                               / w.sum().clamp_min(1e-8))
+        else:
+            sampled_mse = torch.tensor(float("nan"))
         accelerator.backward(loss.total)
         if cfg.optim.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
@@ -680,7 +795,7 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
         if not math.isfinite(total):
             raise SamaInputError(f"the VAE loss became {total} at step {step}: lower optim.lr or resume from an "
                                  "earlier checkpoint")
-        sums += torch.stack([loss.total, loss.l1, loss.mse, loss.kl]).detach().float().cpu()
+        sums += torch.stack([loss.total, loss.l1, loss.mse, loss.kl, sampled_mse.to(loss.total)]).detach().float().cpu()
         count += 1
         samples += batch_size * accelerator.num_processes
         if bar is not None:
@@ -693,12 +808,17 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
             row = {"step": step, "loss": means[0], "l1": means[1], "mse": means[2], "kl": means[3],
                    "psnr": psnr_from_mse(means[2]), "lr": lr, "frames": num_frames,
                    "steps_per_s": count / elapsed, "samples_per_s": samples / elapsed}
+            if n_sampled:
+                row["sampled_mse"], row["sampled_psnr"] = means[4], psnr_from_mse(means[4])
             if accelerator.is_main_process:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 log.info("step %d  loss %.5f  l1 %.4f  mse %.5f (%.2f dB)  kl %.3f  lr %.3g  %.2f steps/s", step,
                          row["loss"], row["l1"], row["mse"], row["psnr"], row["kl"], lr, row["steps_per_s"])
-            sums, count, samples, t0 = torch.zeros(4), 0, 0, time.perf_counter()
+                if n_sampled:
+                    log.info("step %d  the DiT's latents, outside the edit region: %.2f dB", step,
+                             row["sampled_psnr"])
+            sums, count, samples, t0 = torch.zeros(5), 0, 0, time.perf_counter()
         if step % cfg.checkpoint.every == 0 or last:
             ckpt.save_checkpoint(accelerator, out, step, ema, {"kind": "vae"}, cfg.checkpoint.keep)
         if out_of_time:
