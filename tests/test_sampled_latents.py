@@ -165,3 +165,42 @@ def test_sampled_latent_config_errors_name_the_fix(train_set, sampled, tmp_path,
                        "sampled_per_batch": 1, **data}, **extra}
     with pytest.raises(SamaInputError, match=message):
         vae_config_from_dict(values)
+
+
+def test_latent_cells_follow_the_vae_grid():
+    mask = np.zeros((9, 16, 16), bool)
+    mask[5, 10, 3] = True   # frames 5-8 are latent frame 2; pixel row 10 -> cell row 1, column 3 -> 0
+    mask[0, 0, 15] = True   # frame 0 alone is latent frame 0
+    cells = sl.latent_cells(mask)
+    assert cells.shape == (3, 2, 2)
+    assert {tuple(i) for i in np.argwhere(cells)} == {(2, 1, 0), (0, 0, 1)}
+
+
+def test_latent_gap_is_zero_for_the_targets_latents_and_the_copys_for_the_sources(bundle, sampled, tmp_path,
+                                                                                  capsys):
+    import shutil
+
+    from sama_core import video as vio
+    from sama_core.pipeline import SamaPipeline
+    from train.eval import load_case, read_cases
+    pipe = SamaPipeline.from_bundle(bundle, device="cpu", dtype="fp32")
+    measured = sl.latent_gap(bundle, [sampled])
+    assert measured["dit_kept"]["edits"] > 0 and measured["dit_kept"]["rms"] > 0
+    for which in ("target", "source"):
+        folder = tmp_path / which
+        shutil.copytree(sampled, folder)
+        for path in sl.sampled_latent_files([folder]):
+            _, meta = sl.read_sampled_latent(path)
+            case = load_case({r["id"]: r for r in read_cases(meta["data"])}[meta["id"]])
+            frames = torch.from_numpy(getattr(case, which))
+            latents = pipe.vae.encode(vio.frames_to_vae_input(frames))[0].numpy()
+            np.savez(path, latents=latents, meta=np.array(json.dumps(meta)))
+        gap = sl.latent_gap(bundle, [folder])
+        for name in ("kept", "background"):
+            assert gap[f"copy_{name}"] == measured[f"copy_{name}"]
+            expected = 0.0 if which == "target" else measured[f"copy_{name}"]["rms"]
+            assert gap[f"dit_{name}"]["rms"] == pytest.approx(expected, abs=1e-6)
+    assert sl.main(["--bundle", str(bundle), "--out", str(sampled), "--gap"]) == 0
+    assert "dit_kept" in capsys.readouterr().out
+    assert sl.main(["--bundle", str(bundle), "--out", str(tmp_path / "new")]) == 2
+    assert "--data is needed" in capsys.readouterr().err
