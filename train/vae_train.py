@@ -508,6 +508,12 @@ class VAELoss:
     kl: torch.Tensor
 
 
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum(values * weight) / sum(weight), weight broadcast to values' shape (e.g. (B, 1, F, H, W) over 3 channels)."""
+    w = weight.float().expand_as(values)
+    return (values * w).sum() / w.sum().clamp_min(1e-8)
+
+
 def reconstruction_loss(recon: torch.Tensor, frames: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
                         weights: VAELossConfig, pixel_weight: Optional[torch.Tensor] = None) -> VAELoss:
     """L1 + MSE over pixels, KL(N(mean, exp(logvar)) || N(0, 1)) per latent element; all means.
@@ -517,10 +523,8 @@ def reconstruction_loss(recon: torch.Tensor, frames: torch.Tensor, mean: torch.T
     if pixel_weight is None:
         l1, mse = diff.abs().mean(), diff.pow(2).mean()
     else:
-        w = pixel_weight.float().expand_as(diff)
-        total_weight = w.sum().clamp_min(1e-8)
-        l1, mse = (diff.abs() * w).sum() / total_weight, (diff.pow(2) * w).sum() / total_weight
-        diff = diff * w
+        l1, mse = weighted_mean(diff.abs(), pixel_weight), weighted_mean(diff.pow(2), pixel_weight)
+        diff = diff * pixel_weight.float()
     kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).mean()
     total = weights.l1 * l1 + weights.mse * mse + weights.kl * kl
     if weights.lowpass:
@@ -758,13 +762,14 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         num_frames, batch_size = phase(cfg, step)
-        n_sampled = cfg.data.sampled_per_batch if sampled_pool is not None else 0
+        n_sampled = cfg.data.sampled_per_batch  # 0 unless sampled_pool (checked with the config)
         n_encoded = batch_size - n_sampled
         frames, noise, *extra = pool.batch(step, n_encoded * accelerator.num_processes, num_frames, cfg.seed,
                                            cfg.data.hflip, latent_noise=bool(cfg.loss.latent_noise))
         part = slice(rank * n_encoded, (rank + 1) * n_encoded)  # this process's share
         extra = (extra[0][part] * latent_noise_scale).to(accelerator.device) if extra else None
-        targets, sampled, pixel_weight = frames[part].to(accelerator.device), None, None
+        encoded = frames[part].to(accelerator.device)
+        targets, sampled, pixel_weight = encoded, None, None
         if n_sampled:
             latents, sampled_targets, keep = sampled_pool.batch(step, n_sampled * accelerator.num_processes,
                                                                 num_frames, cfg.seed)
@@ -773,14 +778,12 @@ def train_vae(cfg: VAETrainConfig, resume: Optional[str] = None) -> Path:
             targets = torch.cat([targets, sampled_targets[share].to(accelerator.device)])
             pixel_weight = torch.cat([torch.ones((n_encoded, *keep.shape[1:])), keep[share]]).to(accelerator.device)
         with accelerator.autocast():
-            recon, mean, logvar = model(frames[part].to(accelerator.device), noise[part].to(accelerator.device),
-                                        extra, sampled)
+            recon, mean, logvar = model(encoded, noise[part].to(accelerator.device), extra, sampled)
         loss = reconstruction_loss(recon, targets, mean, logvar, cfg.loss, pixel_weight)
         if n_sampled:  # logged apart: how well the decoder renders the DiT's latents where they should copy
             with torch.no_grad():
-                w = pixel_weight[n_encoded:].expand_as(recon[n_encoded:])
-                sampled_mse = (((recon[n_encoded:].float() - targets[n_encoded:]).pow(2) * w).sum()
-                               / w.sum().clamp_min(1e-8))
+                sampled_mse = weighted_mean((recon[n_encoded:].float() - targets[n_encoded:]).pow(2),
+                                            pixel_weight[n_encoded:])
         else:
             sampled_mse = torch.tensor(float("nan"))
         accelerator.backward(loss.total)
