@@ -17,6 +17,7 @@ from comfy_api.latest import io
 
 from ..sama_core.anchors import SIGLIP_WIDTH
 from ..sama_core.errors import SamaInputError
+from ..sama_core.region import check_pixel_mask, latent_region
 from ..sama_core.sampler import NUM_SEMANTIC_TOKENS, SamplerOptions, sample
 from ..sama_core.scheduler import anchor_sigma_cut, flow_sigmas
 from .comfy_model import SAMA_SHIFT, DirectSama, compute_dtype, sama_diffusion_model
@@ -126,6 +127,12 @@ class SamaSampler(io.ComfyNode):
                 io.Float.Input("cache_threshold", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="Step caching: reuse the model's last result while the input barely "
                                        "changes (0 = off; 0.05 mild, 0.15 aggressive; approximate)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Where the edit may change the video (1 = white): one mask for every frame "
+                                      "or one per frame, at the source's size. Outside it the latent stays the "
+                                      "source's; for the source's exact pixels there, put ImageCompositeMasked "
+                                      "(destination = source, source = decoded edit, this mask) after VAE "
+                                      "Decode."),
             ],
             outputs=[io.Latent.Output(tooltip="The edited video's latent: connect VAE Decode.")],
         )
@@ -134,7 +141,7 @@ class SamaSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, seed, steps, cfg, shift, denoise, source_images=None, vae=None,
                 source_latent=None, source_scale=0.0, text_scale=0.0, anchors=None, anchor_strength=0.5,
                 window_frames=0, window_overlap_frames=16, batch_cfg=False, solver="euler",
-                cache_threshold=0.0) -> io.NodeOutput:
+                cache_threshold=0.0, mask=None) -> io.NodeOutput:
         dit = sama_diffusion_model(model)
         raw_source = encode_source(source_images, vae, source_latent)
         two_scale = (source_scale or 0) > 0 or (text_scale or 0) > 0
@@ -155,6 +162,7 @@ class SamaSampler(io.ComfyNode):
         anchor_tokens = _anchor_tokens(anchors, source.shape[0])
         if anchor_tokens is not None:
             anchor_tokens = anchor_tokens.to(device, dtype)
+        region = None if mask is None else _edit_region(mask, raw_source.shape).to(device, dtype)
 
         previewer = latent_preview.get_previewer(device, base.latent_format)
         pbar = comfy.utils.ProgressBar(steps)
@@ -169,9 +177,17 @@ class SamaSampler(io.ComfyNode):
 
         with torch.inference_mode():
             result = sample(DirectSama(dit), cond, uncond, source=source, options=opts,
-                            anchor_tokens=anchor_tokens, callback=on_step, should_interrupt=interrupted)
+                            anchor_tokens=anchor_tokens, callback=on_step, should_interrupt=interrupted,
+                            region=region)
         samples = base.process_latent_out(result.latents.float()).cpu()
         return io.NodeOutput({"samples": samples})
+
+
+def _edit_region(mask: torch.Tensor, latent_shape) -> torch.Tensor:
+    """A ComfyUI MASK ((H, W) or (frames, H, W), 1 = may change) -> the sampler's region on the latent grid."""
+    t, h, w = latent_shape[2:]
+    pixels = check_pixel_mask(mask.float().cpu(), 4 * (t - 1) + 1, 8 * h, 8 * w, name="mask")
+    return latent_region(pixels, latent_shape)
 
 
 class SamaInContext(io.ComfyNode):

@@ -24,6 +24,7 @@ from .bundle import BUNDLE_FILE
 from .errors import SamaFileNotFoundError, SamaInputError
 from .loading import load_dit, merge_lora
 from .pretext import blank_frames
+from .region import check_pixel_mask, composite, latent_region
 from .sampler import SampleResult, SamplerOptions, StepInfo, sample
 from .text import load_text_encoder
 from .vae import WanVAE
@@ -53,6 +54,8 @@ class EditSettings:
     anchor_image: Optional[str] = None   # an edited anchor frame (needs a SigLIP encoder)
     anchor_frames: Optional[Sequence[int]] = None
     blank_frames: Optional[tuple] = None  # (start, end): blank these source frames (cube-inpainting repair)
+    mask: Optional[str] = None           # image or video: where the edit may change the video (white); the rest
+                                         # stays the source's (sama_core/region.py)
 
 
 @dataclasses.dataclass
@@ -192,24 +195,35 @@ class SamaPipeline:
 
     def edit_frames(self, frames: torch.Tensor, instruction: str, settings: Optional[EditSettings] = None,
                     options: Optional[SamplerOptions] = None, callback: Optional[Callable[[StepInfo], None]] = None,
-                    should_interrupt: Optional[Callable[[], bool]] = None):
-        """frames (F, H, W, 3) in [0, 1] -> (edited frames at the source size, the sampling result)."""
+                    should_interrupt: Optional[Callable[[], bool]] = None, mask: Optional[torch.Tensor] = None):
+        """frames (F, H, W, 3) in [0, 1] -> (edited frames at the source size, the sampling result).
+        mask: (H, W) or (F, H, W) in [0, 1] at the frames' size, 1 where the edit may change the video; outside
+        it the output is the source (the sampler keeps those latents on the source's path, and the pixels
+        there are the source's own)."""
         settings = settings or EditSettings()
         if settings.blank_frames is not None:
             frames = blank_frames(frames, *settings.blank_frames)
-        result, count, plan = self.sample_edit(frames, instruction, settings, options, callback, should_interrupt)
+        if mask is not None:
+            mask = check_pixel_mask(mask, *frames.shape[:3])
+        result, count, plan = self.sample_edit(frames, instruction, settings, options, callback, should_interrupt,
+                                               mask=mask)
         decoded = vio.vae_output_to_frames(self.vae.decode(result.latents))  # (F', H, W, 3)
         edited = vio.trim(decoded, count)
         if settings.restore_size:
             edited = vio.restore(edited, plan, source=frames)
+            if mask is not None:
+                edited = composite(edited, frames, mask)
+        elif mask is not None:
+            edited = composite(edited, vio.apply_resize(frames, plan), fit_mask(mask, plan))
         return edited, result
 
     def sample_edit(self, frames: torch.Tensor, instruction: str, settings: Optional[EditSettings] = None,
                     options: Optional[SamplerOptions] = None, callback: Optional[Callable[[StepInfo], None]] = None,
-                    should_interrupt: Optional[Callable[[], bool]] = None):
+                    should_interrupt: Optional[Callable[[], bool]] = None, mask: Optional[torch.Tensor] = None):
         """edit_frames up to the sampled latents, without decoding: frames (F, H, W, 3) in [0, 1] (already
         blanked) -> (the sampling result, its normalised latents (1, 16, T, h, w) in result.latents; the
-        source frame count; the resize plan). train.sampled_latents keeps such latents to train a decoder."""
+        source frame count; the resize plan). train.sampled_latents keeps such latents to train a decoder.
+        mask: (F, H, W) checked pixel mask (edit_frames) -> the sampler's edit region."""
         settings = settings or EditSettings()
         options = options or self.sampler_options()
         source_h, source_w = frames.shape[1:3]
@@ -227,9 +241,14 @@ class SamaPipeline:
         anchor = self.encode_anchor(settings, (width, height))
         if anchor is not None and options.anchor_strength == 0:
             options = dataclasses.replace(options, anchor_strength=0.5)
+        region = None
+        if mask is not None:
+            padded_mask, _ = vio.pad_to_4k_plus_1(fit_mask(mask, plan))
+            region = latent_region(padded_mask, source.shape).to(self.device, self.dtype)
         with torch.no_grad():
             result: SampleResult = sample(self.dit, cond, uncond, source=source, options=options,
-                                          anchor_tokens=anchor, callback=callback, should_interrupt=should_interrupt)
+                                          anchor_tokens=anchor, callback=callback, should_interrupt=should_interrupt,
+                                          region=region)
         return result, count, plan
 
     def edit_file(self, video_path, instruction: str, out_path, settings: Optional[EditSettings] = None,
@@ -238,7 +257,8 @@ class SamaPipeline:
         settings = settings or EditSettings()
         frames, info = vio.read_media(video_path, frame_range=settings.frame_range, stride=settings.stride,
                                       max_frames=settings.max_frames)
-        edited, _ = self.edit_frames(frames, instruction, settings, options, callback, should_interrupt)
+        mask = read_mask(settings, frames.shape[0]) if settings.mask else None
+        edited, _ = self.edit_frames(frames, instruction, settings, options, callback, should_interrupt, mask=mask)
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         fps = info.fps or 16
@@ -257,6 +277,25 @@ class SamaPipeline:
             else:
                 vio.write_video(comparison, side, fps)
         return EditResult(edited, fps, written, comparison)
+
+
+def fit_mask(mask: torch.Tensor, plan: vio.ResizePlan) -> torch.Tensor:
+    """A (F, H, W) pixel mask resized like the frames (letterbox bars: outside the region)."""
+    return vio.apply_resize(mask[..., None].expand(*mask.shape, 3).contiguous(), plan)[..., 0].clamp(0, 1)
+
+
+def read_mask(settings: EditSettings, frames: int) -> torch.Tensor:
+    """settings.mask (an image for every frame, or a video read with the source's frame range and stride)
+    -> (F, H, W) in [0, 1]: the mean of the channels, so white = may change."""
+    if Path(settings.mask).suffix.lower() in vio.IMAGE_EXTENSIONS:
+        image, _ = vio.read_image(settings.mask)
+        return image.mean(-1)  # (1, H, W)
+    video, _ = vio.read_video(settings.mask, frame_range=settings.frame_range, stride=settings.stride,
+                              max_frames=settings.max_frames)
+    if video.shape[0] != frames:
+        raise SamaInputError(f"the mask video {settings.mask} has {video.shape[0]} frames where the source has "
+                             f"{frames}: give a mask video of the source's length, or one mask image")
+    return video.mean(-1)
 
 
 def check_widths(dit, text_encoder, anchor_encoder):

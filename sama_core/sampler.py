@@ -21,6 +21,7 @@ import torch
 
 from .errors import SamaInputError, SamaInterrupted, SamaNumericalError
 from .model import TEXT_LEN, fit_text_rows
+from .region import check_region, keep_outside
 from .scheduler import add_noise, flow_sigmas, make_solver, predicted_clean, timesteps_of
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
            options: Optional[SamplerOptions] = None, anchor_tokens: Optional[torch.Tensor] = None,
            callback: Optional[Callable[[StepInfo], None]] = None,
            should_interrupt: Optional[Callable[[], bool]] = None,
-           denoiser_wrapper: Optional[Callable] = None) -> SampleResult:
+           denoiser_wrapper: Optional[Callable] = None, region: Optional[torch.Tensor] = None) -> SampleResult:
     """Edit (or generate) latents.
 
     cond / uncond: (B, L, text_dim) text embeddings (L <= 512 rows; the DiT pads to 512).
@@ -204,6 +205,9 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
         takes over from the anchor path.
     callback(StepInfo) after each step; should_interrupt() before each step -> SamaInterrupted.
     denoiser_wrapper(denoise) -> denoise: a seam for step caches and long-video windows.
+    region: (1 or B, 1, F, H, W) in [0, 1] on the latent grid (sama_core.region.latent_region): where the
+        edit may change the video. After every step the latents outside it are put back on the source's
+        flow path with the run's own noise, so they end exactly at the source latents.
     """
     opts = options or SamplerOptions()
     check_finite(source_latents=source, text_embedding=cond, negative_text_embedding=uncond,
@@ -224,6 +228,7 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
         if anchor_tokens is not None and tuple(anchor_tokens.shape) != sem_shape:
             raise SamaInputError(f"anchor tokens {tuple(anchor_tokens.shape)} must be {sem_shape} "
                                  "(batch, 65 per anchor, SigLIP width)")
+    check_region(region, target_shape, source)
     noise, sem_noise = initial_noise(target_shape, sem_shape, opts.seed, dtype)
     noise, sem_noise = noise.to(device), (sem_noise.to(device) if sem_noise is not None else None)
 
@@ -268,6 +273,8 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
                 "overflow in this model, use bf16 or fp32; otherwise the weights may be damaged")
         denoised = predicted_clean(x, v, sigma)
         x = video_solver.step(x, v, i)
+        if region is not None:
+            x = keep_outside(x, source, noise, sigmas[i + 1] if i + 1 < opts.steps else 0.0, region.to(x))
         if sem is not None:
             sem = semantic_solver.step(sem, v_sem, i)
         if callback is not None:

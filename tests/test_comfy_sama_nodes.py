@@ -279,6 +279,36 @@ def test_anchors_at_strength_zero_change_nothing_and_at_half_steer_the_edit(tiny
     assert (half - plain).abs().max() > 1e-3
 
 
+def _with_mask(prompt, size=32, painted=16):
+    """SolidMask 0 of size x size with a painted x painted square of 1 at the top left, into SAMA Sampler."""
+    prompt["20"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": size, "height": size}}
+    prompt["21"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": painted, "height": painted}}
+    prompt["22"] = {"class_type": "MaskComposite", "inputs": {"destination": ["20", 0], "source": ["21", 0],
+                                                              "x": 0, "y": 0, "operation": "add"}}
+    prompt["4"]["inputs"]["mask"] = ["22", 0]
+    return prompt
+
+
+def test_a_mask_keeps_the_source_latent_outside_it_and_a_wrong_size_is_refused(tiny):
+    plain = _saved_latent(tiny.run(_latent_edit_prompt(_unique("sama_nomask"), seed=13), timeout=120))
+    masked = _saved_latent(tiny.run(_with_mask(_latent_edit_prompt(_unique("sama_mask"), seed=13)), timeout=120))
+    # the source is EmptyHunyuanLatentVideo's zero latent; 16x16 painted pixels = the top-left 2x2 latent cells
+    inside = torch.zeros(1, 16, 2, 4, 4, dtype=torch.bool)
+    inside[..., :2, :2] = True
+    torch.testing.assert_close(masked[~inside], torch.zeros_like(masked[~inside]), atol=1e-5, rtol=0)
+    assert (masked[inside] - plain[inside]).abs().max() > 1e-3 and plain[~inside].abs().max() > 1e-2
+    everywhere = _saved_latent(tiny.run(_with_mask(_latent_edit_prompt(_unique("sama_maskall"), seed=13),
+                                                   painted=32), timeout=120))
+    torch.testing.assert_close(everywhere, plain, atol=0, rtol=0)
+
+    with pytest.raises(PromptFailed) as failed:
+        tiny.run(_with_mask(_latent_edit_prompt(_unique("sama_mask_size")), size=48), timeout=120)
+    error = failed.value.result.error
+    assert (error["node_type"], error["exception_type"].split(".")[-1]) == ("SamaSampler", "SamaInputError")
+    assert "mask is 48x48 but the video is 32x32" in error["exception_message"]
+    _assert_still_serving(tiny)
+
+
 def test_sharded_wan_base_plus_sama_file_equals_the_merged_file(tiny):
     """dit_name = the first shard of a sharded Wan2.1 base (as ComfyUI lists it), sama_weights = the SAMA
     parts: the same edit, bit for bit, as the merged file."""

@@ -482,6 +482,42 @@ def test_eval_guidance_sweep_gives_a_row_per_value_and_the_default_is_the_bundle
     assert ev.main([*common, "--guidance", "2,fast"]) == 2
 
 
+def test_eval_denoise_sweep_reaches_the_sampler_and_crosses_with_guidance(heldout, tmp_path, capsys, monkeypatch):
+    from sama_core.bundle import write_tiny_random_bundle
+    bundle = write_tiny_random_bundle(tmp_path / "bundle", defaults={"steps": 2, "guidance": 3.0})
+    seen = []  # (guidance, denoise) of every model row's sampler options
+    real_method = ev.pipeline_method
+    monkeypatch.setattr(ev, "pipeline_method",
+                        lambda model, options: seen.append((options.guidance, options.denoise)) or
+                        real_method(model, options))
+    common = ["--bundle", str(bundle), "--data", str(heldout), "--limit", "1", "--kinds", "color",
+              "--baselines", "copy"]
+
+    def rows(out, *extra):
+        assert ev.main([*common, "--out", str(tmp_path / out), *extra]) == 0
+        lines = (tmp_path / out / "per_edit.jsonl").read_text().splitlines()
+        return {r["method"]: r for r in map(json.loads, lines)}
+    sweep = rows("sweep", "--denoise", "1,0.05")
+    assert set(sweep) == {"SAMA-Shapes (denoise 1)", "SAMA-Shapes (denoise 0.05)", "copy (output = source)"}
+    default = rows("default")["SAMA-Shapes"]
+    assert seen == [(3.0, 1.0), (3.0, 0.05), (3.0, 1.0)]  # the bundle sets no denoise: 1
+    assert default["progress"] == sweep["SAMA-Shapes (denoise 1)"]["progress"]
+    assert sweep["SAMA-Shapes (denoise 0.05)"]["progress"] != default["progress"]
+    seen.clear()
+    crossed = rows("crossed", "--guidance", "1,3", "--denoise", "1,0.5")
+    assert set(crossed) - {"copy (output = source)"} == {
+        f"SAMA-Shapes (guidance {g}, denoise {d})" for g in (1, 3) for d in (1, 0.5)}
+    assert sorted(seen) == [(1.0, 0.5), (1.0, 1.0), (3.0, 0.5), (3.0, 1.0)]
+    assert crossed["SAMA-Shapes (guidance 3, denoise 1)"]["progress"] == default["progress"]
+    assert ev.parse_denoises("1,0.5") == (1.0, 0.5) and ev.parse_denoises(None) == (None,)
+    for bad, message in (("0", r"numbers in \(0, 1\]"), ("1.5", r"numbers in \(0, 1\]"),
+                         ("0.5,0.5", "a value twice"), ("half", r"numbers in \(0, 1\]")):
+        with pytest.raises(SamaInputError, match=message):
+            ev.parse_denoises(bad)
+    assert ev.main([*common, "--denoise", "0"]) == 2
+    assert "--denoise takes numbers in (0, 1]" in capsys.readouterr().err
+
+
 def test_eval_shift_and_steps_reach_the_sampler_and_bad_values_are_refused(heldout, tmp_path, capsys,
                                                                            monkeypatch):
     from sama_core.bundle import write_tiny_random_bundle

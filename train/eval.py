@@ -84,6 +84,8 @@ LOST_ERROR = 8.0           # px charged for a frame where a tracked object is no
 MIN_TRACK_PIXELS = 3
 VISIBLE_SHARE = 0.5        # "clearly visible": at least this share of the object's most visible frame's pixels
 PSNR_CAP = 100.0
+EDIT_MASK_GROW = 2         # px the edit mask is grown by for the "+ edit mask" rows (a user's rough brush)
+EDIT_MASK_SUFFIX = " + edit mask"
 # Baseline row names (train/paired.py and train/shapes_compare.py tell them from the model rows by these).
 COPY_ROW = "copy (output = source)"
 GROUND_TRUTH_ROW = "ground truth"
@@ -334,10 +336,19 @@ def vae_method(vae) -> Method:
     return run
 
 
-def pipeline_method(pipe, options) -> Method:
+def pipeline_method(pipe, options, edit_mask: bool = False) -> Method:
+    """The pipeline's edit. edit_mask: the user also paints the region to change (the case's edit mask grown
+    by EDIT_MASK_GROW px, like a rough brush); outside it the output is the source (sama_core/region.py)."""
     def run(case: EditCase) -> np.ndarray:
         from sama_core.pipeline import EditSettings
-        edited, _ = pipe.edit_frames(torch.from_numpy(case.source), case.instruction, EditSettings(), options)
+        mask = None
+        if edit_mask:
+            grown = dilate(case.edit_mask, EDIT_MASK_GROW)
+            if not grown.any():
+                return case.source  # nothing may change
+            mask = torch.from_numpy(grown).float()
+        edited, _ = pipe.edit_frames(torch.from_numpy(case.source), case.instruction, EditSettings(), options,
+                                     mask=mask)
         return edited.numpy()
     return run
 
@@ -552,23 +563,31 @@ def evaluate(methods: dict[str, Method], rows: list[dict], out_dir=None, example
     return EvalReport(summaries, results, seconds, files)
 
 
-def guidance_row(name: str, guidance: Optional[float], sweep: bool) -> str:
-    return f"{name} (guidance {guidance:g})" if sweep else name
+def guidance_row(name: str, guidance: Optional[float], sweep: bool,
+                 denoise: Optional[float] = None, denoise_sweep: bool = False) -> str:
+    """The row name: "NAME", "NAME (guidance G)", "NAME (denoise D)" or "NAME (guidance G, denoise D)"
+    (a value is named only when that setting is swept)."""
+    parts = ([f"guidance {guidance:g}"] if sweep else []) + ([f"denoise {denoise:g}"] if denoise_sweep else [])
+    return f"{name} ({', '.join(parts)})" if parts else name
 
 
 def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], seed: int, name: str,
                    baselines: list[str], guidances: tuple = (None,),
-                   extra_vaes: Optional[dict[str, str]] = None, shift: Optional[float] = None) -> dict[str, Method]:
+                   extra_vaes: Optional[dict[str, str]] = None, shift: Optional[float] = None,
+                   denoises: tuple = (None,), edit_mask: bool = False) -> dict[str, Method]:
     """The methods to evaluate. guidances: the bundle's default (None) or given values; with more than one,
     every model gets a row per value ("NAME (guidance G)"), e.g. to choose the bundle's default on a
     validation set (a held-out split drawn with another seed) rather than on the test set.
     extra_vaes: other VAE files for the bundle's DiT (e.g. a decoder from train.vae_train's trainable:
     decoder): a row "NAME" each, and with the 'vae' baseline a "VAE(target) NAME" row each.
-    steps / shift: the sampler's (None: the bundle's defaults)."""
+    steps / shift: the sampler's (None: the bundle's defaults). denoises: like guidances, for the sampler's
+    denoise (< 1 starts from the source latents noised to that point of the schedule instead of pure noise).
+    edit_mask: every model row also gets a "ROW + edit mask" row, the same edit with the ground-truth edit
+    region given as the user's mask."""
     from sama_core.pipeline import SamaPipeline
     methods: dict[str, Method] = {}
     pipe = None
-    sweep = len(guidances) > 1
+    sweep, denoise_sweep = len(guidances) > 1, len(denoises) > 1
     extra_vaes = extra_vaes or {}
     if bundle is not None:
         pipe = SamaPipeline.from_bundle(bundle, device="cpu", dtype="fp32")
@@ -582,8 +601,13 @@ def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], see
             models[extra] = SamaPipeline.from_bundle(bundle, device="cpu", dtype="fp32", vae=vae)
         for row, model in models.items():
             for guidance in guidances:
-                options = model.sampler_options(steps=steps, seed=seed, guidance=guidance, shift=shift)
-                methods[guidance_row(row, guidance, sweep)] = pipeline_method(model, options)
+                for denoise in denoises:
+                    options = model.sampler_options(steps=steps, seed=seed, guidance=guidance, shift=shift,
+                                                    denoise=denoise)
+                    name = guidance_row(row, guidance, sweep, denoise, denoise_sweep)
+                    methods[name] = pipeline_method(model, options)
+                    if edit_mask:
+                        methods[name + EDIT_MASK_SUFFIX] = pipeline_method(model, options, edit_mask=True)
     elif extra_dits or extra_vaes:
         raise SamaInputError("--extra-dit / --extra-vae need --bundle (for the other components)")
     for baseline in baselines:
@@ -617,8 +641,8 @@ def parse_named_files(items: list[str], option: str) -> dict[str, str]:
     return named
 
 
-def parse_guidances(text: Optional[str]) -> tuple:
-    """--guidance "2" or "1.5,2,3" -> (2.0,) / (1.5, 2.0, 3.0); None -> (None,) (the bundle's default)."""
+def parse_values(text: Optional[str], option: str, valid: Callable[[float], bool], rule: str, example: str) -> tuple:
+    """A comma list of numbers for a sweep option -> a tuple; None -> (None,) (the bundle's default)."""
     if text is None:
         return (None,)
     values = []
@@ -627,12 +651,22 @@ def parse_guidances(text: Optional[str]) -> tuple:
             value = float(item)
         except ValueError:
             value = float("nan")
-        if not math.isfinite(value) or value < 0:
-            raise SamaInputError(f"--guidance takes numbers >= 0 separated by commas, e.g. 1.5,2,3; got {text!r}")
+        if not (math.isfinite(value) and valid(value)):
+            raise SamaInputError(f"{option} takes {rule} separated by commas, e.g. {example}; got {text!r}")
         values.append(value)
     if len(set(values)) != len(values):
-        raise SamaInputError(f"--guidance lists a value twice: {text!r}")
+        raise SamaInputError(f"{option} lists a value twice: {text!r}")
     return tuple(values)
+
+
+def parse_guidances(text: Optional[str]) -> tuple:
+    """--guidance "2" or "1.5,2,3" -> (2.0,) / (1.5, 2.0, 3.0); None -> (None,) (the bundle's default)."""
+    return parse_values(text, "--guidance", lambda v: v >= 0, "numbers >= 0", "1.5,2,3")
+
+
+def parse_denoises(text: Optional[str]) -> tuple:
+    """--denoise "1,0.5,0.3" -> (1.0, 0.5, 0.3); None -> (None,) (the bundle's default, 1 unless it sets one)."""
+    return parse_values(text, "--denoise", lambda v: 0 < v <= 1, "numbers in (0, 1]", "1,0.5,0.3")
 
 
 def main(argv=None) -> int:
@@ -658,6 +692,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", default=None, metavar="G[,G...]",
                         help="guidance scale (default: the bundle's); several values give a row per value")
+    parser.add_argument("--denoise", default=None, metavar="D[,D...]",
+                        help="sampler denoise in (0, 1] (default: the bundle's, else 1 = from pure noise; lower "
+                             "starts from the noised source); several values give a row per value")
+    parser.add_argument("--edit-mask", action="store_true",
+                        help="also evaluate every model row with the edit region given as the user's mask (the "
+                             "ground-truth edit mask grown by 2 px): rows 'NAME + edit mask'")
     parser.add_argument("--train-data", default=None, help="training folder: check no held-out scene is in it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -676,7 +716,8 @@ def main(argv=None) -> int:
         rows = read_cases(args.data, args.limit, [k.strip() for k in args.kinds.split(",") if k.strip()])
         baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
         methods = bundle_methods(args.bundle, extra, args.steps, args.seed, args.name, baselines,
-                                 parse_guidances(args.guidance), extra_vaes, args.shift)
+                                 parse_guidances(args.guidance), extra_vaes, args.shift,
+                                 parse_denoises(args.denoise), args.edit_mask)
         out = Path(args.out) if args.out else Path(args.data).resolve().parent / "eval"
         report = evaluate(methods, rows, out, progress=True)
     except SamaError as e:

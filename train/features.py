@@ -21,6 +21,7 @@ import torch
 
 from sama_core.errors import SamaInputError
 from sama_core.prompts import clean_prompt, negative_prompt
+from sama_core.region import latent_grid
 
 from .data import derive_seed
 
@@ -41,18 +42,8 @@ def valid_latent_frames(valid_frames: torch.Tensor) -> torch.Tensor:
 
 
 def latent_grid_mask(mask: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tensor:
-    """A pixel mask (B, F, H, W) -> the latent grid (B, T, h, w): a latent cell is the largest value over the
-    pixels it encodes (the Wan VAE encodes frame 0 alone, then 4 frames per latent frame, 8x8 pixels per
-    cell), so a small object still marks the one cell that holds it."""
-    t, h, w = (int(n) for n in latent_shape)
-    b, f, height, width = mask.shape
-    if f != 4 * (t - 1) + 1 or height % h or width % w:
-        raise SamaInputError(f"a keep mask of {f} frames at {height}x{width} does not map onto latents of {t} "
-                             f"frames at {h}x{w}: it must have the target's frames and size")
-    first = mask[:, :1]
-    rest = mask[:, 1:].reshape(b, t - 1, 4, height, width).amax(2) if t > 1 else mask[:, :0]
-    frames = torch.cat([first, rest], 1).float()  # (B, T, H, W)
-    return torch.nn.functional.max_pool2d(frames, (height // h, width // w))  # (B, T, h, w)
+    """A keep mask (B, F, H, W) -> the latent grid (B, T, h, w) (sama_core.region.latent_grid)."""
+    return latent_grid(mask, latent_shape, what="a keep mask")
 
 
 def pad_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from sama_core.errors import SamaError, SamaInputError
+from sama_core.region import latent_grid
 
 log = logging.getLogger("train.sampled_latents")
 
@@ -137,12 +138,11 @@ def sampled_latent_files(folders) -> list[Path]:
 
 
 def latent_cells(mask: np.ndarray) -> np.ndarray:
-    """A pixel mask (F, H, W), F = 4k+1, -> the latent cells (1 + k, H/8, W/8) it touches: the Wan VAE's cell t
-    covers frame 0 (t = 0) or frames 4t-3..4t, and 8x8 pixels."""
-    m = torch.from_numpy(np.ascontiguousarray(mask)).float()
-    frames, height, width = m.shape
-    grouped = torch.cat([m[:1], m[1:].reshape((frames - 1) // 4, 4, height, width).amax(1)])  # (T, H, W)
-    return (torch.nn.functional.max_pool2d(grouped[:, None], 8)[:, 0] > 0).numpy()
+    """A pixel mask (F, H, W), F = 4k+1, -> the latent cells (1 + k, H/8, W/8) it touches
+    (sama_core.region.latent_grid)."""
+    frames, height, width = mask.shape
+    m = torch.from_numpy(np.ascontiguousarray(mask))
+    return (latent_grid(m, ((frames - 1) // 4 + 1, height // 8, width // 8)) > 0).numpy()
 
 
 def latent_gap(bundle, folders, limit: Optional[int] = None) -> dict:

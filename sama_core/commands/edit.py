@@ -70,6 +70,8 @@ def register(sub):
     p.add_argument("--out", required=True, help="output .mp4 (or .png for an image)")
     p.add_argument("--anchor", help="an edited anchor frame (image) steering the edit; needs --siglip")
     p.add_argument("--anchor-strength", type=float, help="fraction of steps the anchor steers (0.5)")
+    p.add_argument("--mask", help="image or video of the source's size: white where the edit may change the "
+                                  "video; everything else stays the source")
     p.add_argument("--compare", action="store_true", help="also write a side-by-side source | edit video")
     add_sampling_args(p)
     p.set_defaults(func=run)
@@ -202,7 +204,7 @@ def _edit(args, sp) -> int:
         from pathlib import Path
         out = Path(tempfile.mkdtemp(prefix="sama-sp-")) / Path(args.out).name
     settings = settings_from(args, negative=args.negative, use_prefix=not args.no_prefix,
-                             anchor_image=args.anchor)
+                             anchor_image=args.anchor, mask=args.mask)
     options = options_from(pipe, args, anchor_strength=args.anchor_strength)
     result = pipe.edit_file(args.video, args.prompt, out, settings, options, compare=args.compare and writer,
                             callback=progress_bar() if writer else None)

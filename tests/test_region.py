@@ -1,0 +1,176 @@
+"""Edit regions (a user's mask): the latent grid, the sampler's keep-outside rule, the pipeline and the CLI."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sama_core.__main__ import main as cli
+from sama_core.bundle import write_tiny_random_bundle
+from sama_core.errors import SamaInputError
+from sama_core.pipeline import EditSettings, SamaPipeline
+from sama_core.region import check_pixel_mask, composite, latent_region
+from sama_core.sampler import SamplerOptions, initial_noise, sample
+from sama_core.scheduler import flow_sigmas
+from sama_core.video import read_video, write_video
+from tiny_models import TINY, tiny_dit, tiny_inputs
+
+
+def latent_frame_of(frame: int) -> int:
+    """The Wan VAE's causal grouping, written independently: frame 0 alone, then groups of four."""
+    return 0 if frame == 0 else (frame + 3) // 4
+
+
+@pytest.mark.parametrize("frame,y,x", [(0, 0, 0), (1, 7, 8), (4, 31, 63), (5, 40, 9), (16, 63, 63), (8, 8, 7)])
+def test_one_painted_pixel_marks_exactly_the_latent_cell_that_encodes_it(frame, y, x):
+    mask = torch.zeros(17, 64, 64)
+    mask[frame, y, x] = 1.0
+    region = latent_region(mask, (1, 16, 5, 8, 8))
+    expected = torch.zeros(1, 1, 5, 8, 8)
+    expected[0, 0, latent_frame_of(frame), y // 8, x // 8] = 1.0
+    assert torch.equal(region, expected)
+    grown = latent_region(mask, (1, 16, 5, 8, 8), grow=1)[0, 0, latent_frame_of(frame)]
+    ys, xs = np.nonzero(grown.numpy())
+    assert set(ys) == set(range(max(0, y // 8 - 1), min(8, y // 8 + 2)))
+    assert set(xs) == set(range(max(0, x // 8 - 1), min(8, x // 8 + 2)))
+
+
+def test_soft_masks_keep_their_largest_value_per_cell():
+    mask = torch.zeros(5, 16, 16)
+    mask[2, 0:8, 0:8] = 0.25
+    mask[3, 3, 3] = 0.75
+    region = latent_region(mask, (1, 16, 2, 2, 2))
+    assert region[0, 0, 1, 0, 0] == 0.75 and region.sum() == 0.75
+
+
+def test_pixel_masks_are_checked_with_errors_that_name_the_fix():
+    assert check_pixel_mask(torch.ones(8, 8), 3, 8, 8).shape == (3, 8, 8)   # one image for every frame
+    assert check_pixel_mask(torch.ones(3, 8, 8), 3, 8, 8).shape == (3, 8, 8)
+    for mask, message in ((torch.ones(8, 9), "of the video's size"), (torch.ones(2, 8, 8), "same length"),
+                          (torch.full((8, 8), 2.0), r"\[0, 1\]"), (torch.zeros(8, 8), "empty"),
+                          (torch.ones(1, 1, 8, 8), r"\(H, W\) or \(frames, H, W\)")):
+        with pytest.raises(SamaInputError, match=message):
+            check_pixel_mask(mask, 3, 8, 8)
+    with pytest.raises(SamaInputError, match="pad it like the video"):
+        latent_region(torch.ones(4, 16, 16), (1, 16, 2, 2, 2))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    inp = tiny_inputs(frames=2, size=4)
+    g = torch.Generator().manual_seed(5)
+    return tiny_dit(seed=7), inp, torch.randn(1, 3, TINY.text_dim, generator=g)
+
+
+def test_sampler_keeps_the_outside_on_the_sources_flow_path_and_ends_at_the_source(setup):
+    model, inp, uncond = setup
+    source = inp["source"]
+    region = torch.zeros(1, 1, 2, 4, 4)
+    region[..., 1:3, 0:2] = 1.0
+    opts = SamplerOptions(steps=4, guidance=2.0, seed=3)
+    seen = []
+    res = sample(model, inp["context"], uncond, source=source, options=opts, region=region,
+                 callback=lambda info: seen.append(info.latents.clone()))
+    noise, _ = initial_noise(source.shape, (1, 65, TINY.siglip_dim), 3)
+    sigmas = torch.cat([flow_sigmas(4), torch.zeros(1)])
+    outside = (region == 0).expand_as(source)
+    for i, latents in enumerate(seen):  # after step i the outside sits at sigma_{i+1} on the source's path
+        on_path = (1 - sigmas[i + 1]) * source + sigmas[i + 1] * noise
+        torch.testing.assert_close(latents[outside], on_path[outside], atol=1e-6, rtol=0)
+    assert torch.equal(res.latents[outside], source[outside])
+    free = sample(model, inp["context"], uncond, source=source, options=opts)
+    inside = (region == 1).expand_as(source)
+    assert not torch.allclose(res.latents[inside], source[inside], atol=1e-3)
+    # the region reaches the model: the inside differs from an unmasked run (it sees a different outside)
+    assert not torch.allclose(res.latents[inside], free.latents[inside], atol=1e-6)
+    everywhere = sample(model, inp["context"], uncond, source=source, options=opts, region=torch.ones_like(region))
+    assert torch.equal(everywhere.latents, free.latents)
+
+
+def test_sampler_refuses_a_region_it_cannot_use(setup):
+    model, inp, uncond = setup
+    with pytest.raises(SamaInputError, match="on the latent grid"):
+        sample(model, inp["context"], uncond, source=inp["source"], options=SamplerOptions(steps=1),
+               region=torch.ones(1, 1, 2, 8, 8))
+    with pytest.raises(SamaInputError, match="needs a source video"):
+        sample(model, inp["context"], uncond, target_shape=tuple(inp["source"].shape),
+               options=SamplerOptions(steps=1), region=torch.ones(1, 1, 2, 4, 4))
+
+
+def test_composite_takes_the_edit_inside_and_the_source_outside():
+    edited, source = torch.full((2, 4, 4, 3), 0.9), torch.full((2, 4, 4, 3), 0.1)
+    mask = torch.zeros(2, 4, 4)
+    mask[:, :2] = 1.0
+    mask[1, 3, 3] = 0.5
+    out = composite(edited, source, mask)
+    assert torch.equal(out[:, :2], edited[:, :2]) and torch.equal(out[0, 2:], source[0, 2:])
+    assert out[1, 3, 3].tolist() == pytest.approx([0.5] * 3)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return write_tiny_random_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle):
+    return SamaPipeline.from_bundle(bundle, device="cpu")
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_pipeline_output_is_the_source_outside_the_mask(pipe, restore):
+    g = torch.Generator().manual_seed(1)
+    frames = torch.rand(9, 40, 56, 3, generator=g)  # not the bucket size: the mask is resized like the frames
+    mask = torch.zeros(40, 56)
+    mask[8:24, 16:40] = 1.0
+    settings = EditSettings(restore_size=restore, width=64, height=48)
+    options = pipe.sampler_options(steps=2)
+    edited, _ = pipe.edit_frames(frames, "make the red circle blue", settings, options, mask=mask)
+    free, _ = pipe.edit_frames(frames, "make the red circle blue", settings, options)
+    if restore:
+        outside = (mask == 0)[None].expand(9, 40, 56)
+        assert torch.equal(edited[outside], frames[outside])
+        inside = (mask == 1)[None].expand(9, 40, 56)
+        assert (edited[inside] - frames[inside]).abs().mean() > 0.01
+    else:
+        assert edited.shape == (9, 48, 64, 3)
+        assert torch.equal(edited[:, 0], pipe_fitted(frames)[:, 0])  # the top row is outside the mask
+    assert not torch.equal(edited, free)
+
+
+def pipe_fitted(frames):
+    from sama_core import video as vio
+    return vio.fit_frames(frames, width=64, height=48)[0]
+
+
+def test_cli_mask_image_keeps_every_pixel_outside_it(bundle, tmp_path):
+    source = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    Image.fromarray(source).save(tmp_path / "in.png")
+    mask = np.zeros((32, 48), np.uint8)
+    mask[4:20, 8:40] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert cli(["edit", "--model", str(bundle), "--video", str(tmp_path / "in.png"), "--prompt", "make it blue",
+                "--out", str(out), "--steps", "2", "--mask", str(tmp_path / "mask.png")]) == 0
+    edited = np.asarray(Image.open(out).convert("RGB"))
+    assert np.array_equal(edited[mask == 0], source[mask == 0])
+    assert np.abs(edited[mask == 255].astype(int) - source[mask == 255]).mean() > 2
+
+
+def test_cli_mask_errors_name_the_mask_and_the_fix(bundle, tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    write_video(tmp_path / "in.mp4", torch.rand(9, 32, 48, 3, generator=g), 8)
+    write_video(tmp_path / "mask.mp4", torch.ones(5, 32, 48, 3), 8)
+    Image.fromarray(np.zeros((32, 48), np.uint8)).save(tmp_path / "black.png")
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "small.png")
+    common = ["edit", "--model", str(bundle), "--video", str(tmp_path / "in.mp4"), "--prompt", "x", "--steps", "1"]
+    for mask, message in (("mask.mp4", "has 5 frames where the source has 9"), ("black.png", "mask is empty"),
+                          ("small.png", "give a mask of the video's size"), ("none.png", "none.png")):
+        assert cli([*common, "--out", str(tmp_path / "o.mp4"), "--mask", str(tmp_path / mask)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o.mp4").exists()
+    # a mask video of the source's length works, and the output keeps the source's frame count
+    write_video(tmp_path / "mask9.mp4", torch.ones(9, 32, 48, 3), 8)
+    assert cli([*common, "--out", str(tmp_path / "ok.mp4"), "--mask", str(tmp_path / "mask9.mp4")]) == 0
+    assert read_video(tmp_path / "ok.mp4")[0].shape == (9, 32, 48, 3)
