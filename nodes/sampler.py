@@ -212,6 +212,10 @@ class SamaInContext(io.ComfyNode):
                                        "(whose width, 1152, is the default)."),
                 io.Float.Input("shift", default=SAMA_SHIFT, min=0.1, max=20.0, step=0.1, optional=True,
                                tooltip="The sampling shift in use (to place anchor_strength on the schedule)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Where the edit may change the video (1 = white), as on SAMA Sampler: set "
+                                      "as the latent's noise_mask, so the native sampler keeps the source "
+                                      "latent outside it."),
             ],
             outputs=[io.Conditioning.Output("positive_out", display_name="positive",
                                             tooltip="positive with the source (and anchors) added"),
@@ -223,7 +227,7 @@ class SamaInContext(io.ComfyNode):
 
     @classmethod
     def execute(cls, positive, negative, source_images=None, vae=None, source_latent=None, anchors=None,
-                anchor_strength=0.5, model=None, shift=SAMA_SHIFT) -> io.NodeOutput:
+                anchor_strength=0.5, model=None, shift=SAMA_SHIFT, mask=None) -> io.NodeOutput:
         source = encode_source(source_images, vae, source_latent).float().cpu()
         tokens = _anchor_tokens(anchors, source.shape[0])
         num_tokens = tokens.shape[1] if tokens is not None else NUM_SEMANTIC_TOKENS
@@ -239,7 +243,14 @@ class SamaInContext(io.ComfyNode):
             values.update(sama_anchor=tokens.float().cpu(), sama_anchor_sigma=anchor_sigma_cut(anchor_strength, shift))
         positive = node_helpers.conditioning_set_values(positive, values)
         negative = node_helpers.conditioning_set_values(negative, values)
-        return io.NodeOutput(positive, negative, {"samples": latent, SAMA_VIDEO_FRAMES: source.shape[2]})
+        out = {"samples": latent, SAMA_VIDEO_FRAMES: source.shape[2]}
+        if mask is not None:
+            # ComfyUI's samplers keep noise_mask == 0 on the latent's own flow path (its video part is the
+            # source), the same rule as SAMA Sampler's region; the semantic frames stay free.
+            noise_mask = torch.ones(latent.shape[0], 1, *latent.shape[2:])
+            noise_mask[:, :, :source.shape[2]] = _edit_region(mask, source.shape)
+            out["noise_mask"] = noise_mask
+        return io.NodeOutput(positive, negative, out)
 
 
 class SamaExtractLatent(io.ComfyNode):

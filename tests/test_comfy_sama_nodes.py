@@ -309,6 +309,35 @@ def test_a_mask_keeps_the_source_latent_outside_it_and_a_wrong_size_is_refused(t
     _assert_still_serving(tiny)
 
 
+def _native_edit_prompt(prefix, seed=0, steps=2):
+    """The same tiny edit through SAMA In-Context + the stock KSampler + SAMA Extract Latent."""
+    prompt = _latent_edit_prompt(prefix, seed=seed, steps=steps)
+    prompt["4"] = {"class_type": "SamaInContext",
+                   "inputs": {"positive": ["3", 0], "negative": ["3", 1], "source_latent": ["1", 0],
+                              "model": ["2", 0]}}
+    prompt["8"] = {"class_type": "KSampler",
+                   "inputs": {"model": ["2", 0], "seed": seed, "steps": steps, "cfg": 5.0, "sampler_name": "euler",
+                              "scheduler": "simple", "positive": ["4", 0], "negative": ["4", 1],
+                              "latent_image": ["4", 2], "denoise": 1.0}}
+    prompt["9"] = {"class_type": "SamaExtractLatent", "inputs": {"latent": ["8", 0]}}
+    prompt["5"]["inputs"]["samples"] = ["9", 0]
+    return prompt
+
+
+def test_a_mask_on_sama_in_context_becomes_the_native_samplers_noise_mask(tiny):
+    plain = _saved_latent(tiny.run(_native_edit_prompt(_unique("sama_native_nomask"), seed=17), timeout=120))
+    masked = _saved_latent(tiny.run(_with_mask(_native_edit_prompt(_unique("sama_native_mask"), seed=17)),
+                                    timeout=120))
+    assert masked.shape == plain.shape == (1, 16, 2, 4, 4)  # Extract dropped the semantic frames
+    inside = torch.zeros(1, 16, 2, 4, 4, dtype=torch.bool)
+    inside[..., :2, :2] = True
+    torch.testing.assert_close(masked[~inside], torch.zeros_like(masked[~inside]), atol=1e-5, rtol=0)
+    assert (masked[inside] - plain[inside]).abs().max() > 1e-3 and plain[~inside].abs().max() > 1e-2
+    everywhere = _saved_latent(tiny.run(_with_mask(_native_edit_prompt(_unique("sama_native_maskall"), seed=17),
+                                                   painted=32), timeout=120))
+    torch.testing.assert_close(everywhere, plain, atol=1e-6, rtol=0)
+
+
 def test_sharded_wan_base_plus_sama_file_equals_the_merged_file(tiny):
     """dit_name = the first shard of a sharded Wan2.1 base (as ComfyUI lists it), sama_weights = the SAMA
     parts: the same edit, bit for bit, as the merged file."""
