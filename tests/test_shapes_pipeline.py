@@ -518,6 +518,16 @@ def test_eval_denoise_sweep_reaches_the_sampler_and_crosses_with_guidance(heldou
     assert "--denoise takes numbers in (0, 1]" in capsys.readouterr().err
 
 
+def test_eval_ctrl_c_says_nothing_was_written_instead_of_a_traceback(heldout, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ev, "evaluate", interrupted)
+    out = tmp_path / "eval"
+    assert ev.main(["--data", str(heldout), "--baselines", "copy", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: nothing was written" in err and "Traceback" not in err
+
+
 def test_eval_shift_and_steps_reach_the_sampler_and_bad_values_are_refused(heldout, tmp_path, capsys,
                                                                            monkeypatch):
     from sama_core.bundle import write_tiny_random_bundle

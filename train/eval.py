@@ -723,6 +723,10 @@ def main(argv=None) -> int:
     except SamaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the outputs are written only at the end: say so instead of a traceback
+        print("interrupted: nothing was written; run the same command again (an evaluation starts over)",
+              file=sys.stderr)
+        return 130
     print(markdown_tables(report.summaries))
     for name, path in report.files.items():
         print(f"{name}: {path}")
