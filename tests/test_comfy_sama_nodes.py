@@ -289,17 +289,24 @@ def _with_mask(prompt, size=32, painted=16):
     return prompt
 
 
-def test_a_mask_keeps_the_source_latent_outside_it_and_a_wrong_size_is_refused(tiny):
-    plain = _saved_latent(tiny.run(_latent_edit_prompt(_unique("sama_nomask"), seed=13), timeout=120))
-    masked = _saved_latent(tiny.run(_with_mask(_latent_edit_prompt(_unique("sama_mask"), seed=13)), timeout=120))
+def _assert_the_mask_keeps_the_source_outside_it(host, build_prompt, name, seed, full_mask_atol):
+    """build_prompt(prefix, seed=...) -> a tiny edit of the zero latent; run it without a mask, with the
+    top-left 16x16 pixels painted, and with everything painted."""
+    plain = _saved_latent(host.run(build_prompt(_unique(f"{name}_nomask"), seed=seed), timeout=120))
+    masked = _saved_latent(host.run(_with_mask(build_prompt(_unique(f"{name}_mask"), seed=seed)), timeout=120))
+    assert masked.shape == plain.shape == (1, 16, 2, 4, 4)
     # the source is EmptyHunyuanLatentVideo's zero latent; 16x16 painted pixels = the top-left 2x2 latent cells
     inside = torch.zeros(1, 16, 2, 4, 4, dtype=torch.bool)
     inside[..., :2, :2] = True
     torch.testing.assert_close(masked[~inside], torch.zeros_like(masked[~inside]), atol=1e-5, rtol=0)
     assert (masked[inside] - plain[inside]).abs().max() > 1e-3 and plain[~inside].abs().max() > 1e-2
-    everywhere = _saved_latent(tiny.run(_with_mask(_latent_edit_prompt(_unique("sama_maskall"), seed=13),
-                                                   painted=32), timeout=120))
-    torch.testing.assert_close(everywhere, plain, atol=0, rtol=0)
+    everywhere = _saved_latent(host.run(_with_mask(build_prompt(_unique(f"{name}_maskall"), seed=seed), painted=32),
+                                        timeout=120))
+    torch.testing.assert_close(everywhere, plain, atol=full_mask_atol, rtol=0)
+
+
+def test_a_mask_keeps_the_source_latent_outside_it_and_a_wrong_size_is_refused(tiny):
+    _assert_the_mask_keeps_the_source_outside_it(tiny, _latent_edit_prompt, "sama", seed=13, full_mask_atol=0)
 
     with pytest.raises(PromptFailed) as failed:
         tiny.run(_with_mask(_latent_edit_prompt(_unique("sama_mask_size")), size=48), timeout=120)
@@ -325,17 +332,9 @@ def _native_edit_prompt(prefix, seed=0, steps=2):
 
 
 def test_a_mask_on_sama_in_context_becomes_the_native_samplers_noise_mask(tiny):
-    plain = _saved_latent(tiny.run(_native_edit_prompt(_unique("sama_native_nomask"), seed=17), timeout=120))
-    masked = _saved_latent(tiny.run(_with_mask(_native_edit_prompt(_unique("sama_native_mask"), seed=17)),
-                                    timeout=120))
-    assert masked.shape == plain.shape == (1, 16, 2, 4, 4)  # Extract dropped the semantic frames
-    inside = torch.zeros(1, 16, 2, 4, 4, dtype=torch.bool)
-    inside[..., :2, :2] = True
-    torch.testing.assert_close(masked[~inside], torch.zeros_like(masked[~inside]), atol=1e-5, rtol=0)
-    assert (masked[inside] - plain[inside]).abs().max() > 1e-3 and plain[~inside].abs().max() > 1e-2
-    everywhere = _saved_latent(tiny.run(_with_mask(_native_edit_prompt(_unique("sama_native_maskall"), seed=17),
-                                                   painted=32), timeout=120))
-    torch.testing.assert_close(everywhere, plain, atol=1e-6, rtol=0)
+    # the (1, 16, 2, 4, 4) shape checked inside also says Extract dropped the semantic frames
+    _assert_the_mask_keeps_the_source_outside_it(tiny, _native_edit_prompt, "sama_native", seed=17,
+                                                 full_mask_atol=1e-6)
 
 
 def test_sharded_wan_base_plus_sama_file_equals_the_merged_file(tiny):
