@@ -20,6 +20,21 @@ def golden_dir():
     return GOLDEN
 
 
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A tiny random model bundle with the default settings (one per test module); a module that needs other
+    defaults defines its own `bundle`."""
+    from sama_core.bundle import write_tiny_random_bundle
+    return write_tiny_random_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle):
+    """That bundle as a CPU pipeline."""
+    from sama_core.pipeline import SamaPipeline
+    return SamaPipeline.from_bundle(bundle, device="cpu")
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """accelerate keeps process-wide singletons; tests that build Accelerators start from a clean state

@@ -12,13 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from sama_core.__main__ import main as cli
-from sama_core.bundle import write_tiny_random_bundle
 from sama_core.video import read_video, write_video
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return write_tiny_random_bundle(tmp_path_factory.mktemp("bad") / "bundle")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import torch
 from safetensors.torch import save_file
 
 from sama_core.__main__ import main as cli
-from sama_core.bundle import write_tiny_random_bundle
 from sama_core.errors import SamaInputError, SamaInterrupted, SamaModelFileError
 from sama_core.loading import merge_lora
 from sama_core.pipeline import SamaPipeline
@@ -15,16 +14,6 @@ from sama_core.pretext import blank_frames
 from sama_core.sampler import SamplerOptions
 from sama_core.video import read_video, write_video
 from tiny_models import tiny_dit
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return write_tiny_random_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def pipe(bundle):
-    return SamaPipeline.from_bundle(bundle, device="cpu")
 
 
 @pytest.fixture(scope="module")

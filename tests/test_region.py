@@ -6,9 +6,8 @@ import torch
 from PIL import Image
 
 from sama_core.__main__ import main as cli
-from sama_core.bundle import write_tiny_random_bundle
 from sama_core.errors import SamaInputError
-from sama_core.pipeline import EditSettings, SamaPipeline
+from sama_core.pipeline import EditSettings
 from sama_core.region import check_pixel_mask, composite, latent_region
 from sama_core.sampler import SamplerOptions, initial_noise, sample
 from sama_core.scheduler import flow_sigmas
@@ -105,16 +104,6 @@ def test_composite_takes_the_edit_inside_and_the_source_outside():
     out = composite(edited, source, mask)
     assert torch.equal(out[:, :2], edited[:, :2]) and torch.equal(out[0, 2:], source[0, 2:])
     assert out[1, 3, 3].tolist() == pytest.approx([0.5] * 3)
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return write_tiny_random_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def pipe(bundle):
-    return SamaPipeline.from_bundle(bundle, device="cpu")
 
 
 @pytest.mark.parametrize("restore", [True, False])
