@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from sama_core.errors import SamaError
+from sama_core.cli import command_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,7 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+@command_line("interrupted: resume with --resume latest")
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
@@ -45,35 +46,28 @@ def main(argv=None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    try:
-        if args.command == "tiny-setup":
-            from .tiny import make_tiny_workspace
-            logging.basicConfig(level=logging.INFO, format="%(message)s")
-            paths = make_tiny_workspace(args.out)
-            print("tiny workspace written:")
-            for name, path in paths.items():
-                print(f"  {name}: {path}")
-            return 0
-        _setup_logging(args.verbose)
-        from .config import load_config
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "cache":
-            from accelerate import Accelerator
-            from .cache import build_cache
-            build_cache(cfg, Accelerator())
-            return 0
-        cfg.stage = args.command
-        from .loop import train
-        result = train(cfg, resume=args.resume)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"finished at step {result.step}; export: {result.export}")
+    if args.command == "tiny-setup":
+        from .tiny import make_tiny_workspace
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        paths = make_tiny_workspace(args.out)
+        print("tiny workspace written:")
+        for name, path in paths.items():
+            print(f"  {name}: {path}")
         return 0
-    except SamaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: resume with --resume latest", file=sys.stderr)
-        return 130
+    _setup_logging(args.verbose)
+    from .config import load_config
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "cache":
+        from accelerate import Accelerator
+        from .cache import build_cache
+        build_cache(cfg, Accelerator())
+        return 0
+    cfg.stage = args.command
+    from .loop import train
+    result = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"finished at step {result.step}; export: {result.export}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ import cv2
 import numpy as np
 import torch
 
-from sama_core.errors import SamaError, SamaFileNotFoundError, SamaInputError
+from sama_core.cli import command_line
+from sama_core.errors import SamaFileNotFoundError, SamaInputError
 
 from .synthetic import (
     BACKGROUND_COLORS,
@@ -669,6 +670,7 @@ def parse_denoises(text: Optional[str]) -> tuple:
     return parse_values(text, "--denoise", lambda v: 0 < v <= 1, "numbers in (0, 1]", "1,0.5,0.3")
 
 
+@command_line("interrupted: nothing was written; run the same command again (an evaluation starts over)")
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n\n")[0])
@@ -701,32 +703,24 @@ def main(argv=None) -> int:
     parser.add_argument("--train-data", default=None, help="training folder: check no held-out scene is in it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        require_matplotlib()  # before minutes of sampling, not at the end when the plots are drawn
-        if args.limit is not None and args.limit < 1:
-            raise SamaInputError(f"--limit must be at least 1, got {args.limit}")
-        if args.steps is not None and args.steps < 1:
-            raise SamaInputError(f"--steps must be at least 1, got {args.steps}")
-        if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
-            raise SamaInputError(f"--shift must be a positive number (the bundle uses 5), got {args.shift}")
-        extra, extra_vaes = parse_named_files(args.extra_dit, "--extra-dit"), parse_named_files(args.extra_vae,
-                                                                                              "--extra-vae")
-        if args.train_data:
-            print(f"held-out scenes: {check_disjoint(args.data, args.train_data)}, none in {args.train_data}")
-        rows = read_cases(args.data, args.limit, [k.strip() for k in args.kinds.split(",") if k.strip()])
-        baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
-        methods = bundle_methods(args.bundle, extra, args.steps, args.seed, args.name, baselines,
-                                 parse_guidances(args.guidance), extra_vaes, args.shift,
-                                 parse_denoises(args.denoise), args.edit_mask)
-        out = Path(args.out) if args.out else Path(args.data).resolve().parent / "eval"
-        report = evaluate(methods, rows, out, progress=True)
-    except SamaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # the outputs are written only at the end: say so instead of a traceback
-        print("interrupted: nothing was written; run the same command again (an evaluation starts over)",
-              file=sys.stderr)
-        return 130
+    require_matplotlib()  # before minutes of sampling, not at the end when the plots are drawn
+    if args.limit is not None and args.limit < 1:
+        raise SamaInputError(f"--limit must be at least 1, got {args.limit}")
+    if args.steps is not None and args.steps < 1:
+        raise SamaInputError(f"--steps must be at least 1, got {args.steps}")
+    if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+        raise SamaInputError(f"--shift must be a positive number (the bundle uses 5), got {args.shift}")
+    extra, extra_vaes = parse_named_files(args.extra_dit, "--extra-dit"), parse_named_files(args.extra_vae,
+                                                                                          "--extra-vae")
+    if args.train_data:
+        print(f"held-out scenes: {check_disjoint(args.data, args.train_data)}, none in {args.train_data}")
+    rows = read_cases(args.data, args.limit, [k.strip() for k in args.kinds.split(",") if k.strip()])
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    methods = bundle_methods(args.bundle, extra, args.steps, args.seed, args.name, baselines,
+                             parse_guidances(args.guidance), extra_vaes, args.shift,
+                             parse_denoises(args.denoise), args.edit_mask)
+    out = Path(args.out) if args.out else Path(args.data).resolve().parent / "eval"
+    report = evaluate(methods, rows, out, progress=True)
     print(markdown_tables(report.summaries))
     for name, path in report.files.items():
         print(f"{name}: {path}")

@@ -36,7 +36,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from sama_core.errors import SamaError, SamaInputError
+from sama_core.cli import command_line
+from sama_core.errors import SamaInputError
 from sama_core.region import latent_grid
 
 log = logging.getLogger("train.sampled_latents")
@@ -177,6 +178,7 @@ def latent_gap(bundle, folders, limit: Optional[int] = None) -> dict:
     return {name: {"edits": len(v), "rms": math.sqrt(sum(v) / len(v)) if v else None} for name, v in squares.items()}
 
 
+@command_line("interrupted: rerun the same command to resume")
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="python -m train.sampled_latents", description=__doc__.split("\n")[0])
@@ -193,24 +195,17 @@ def main(argv=None) -> int:
                         help="write nothing: report how far --out's latents are from their targets' (latent_gap)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        if args.gap:
-            gap = latent_gap(args.bundle, [args.out], args.limit)
-            print("RMS from the targets' latents, outside the edit region (normalised units):")
-            for name, value in gap.items():
-                rms = "-" if value["rms"] is None else f"{value['rms']:.3f}"
-                print(f"  {name:16s} {rms} over {value['edits']} edits")
-            return 0
-        if args.data is None:
-            raise SamaInputError("--data is needed to sample: a train-split SAMA-Shapes folder")
-        count = write_sampled_latents(args.bundle, args.data, args.out, args.limit, parse_shard(args.shard),
-                                      args.seed, args.guidance)
-    except SamaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+    if args.gap:
+        gap = latent_gap(args.bundle, [args.out], args.limit)
+        print("RMS from the targets' latents, outside the edit region (normalised units):")
+        for name, value in gap.items():
+            rms = "-" if value["rms"] is None else f"{value['rms']:.3f}"
+            print(f"  {name:16s} {rms} over {value['edits']} edits")
+        return 0
+    if args.data is None:
+        raise SamaInputError("--data is needed to sample: a train-split SAMA-Shapes folder")
+    count = write_sampled_latents(args.bundle, args.data, args.out, args.limit, parse_shard(args.shard),
+                                  args.seed, args.guidance)
     print(f"wrote {count} sampled latents to {Path(args.out) / LATENTS_DIR}")
     return 0
 

@@ -46,7 +46,8 @@ from typing import Callable, Optional
 
 import yaml
 
-from sama_core.errors import SamaError, SamaFileNotFoundError, SamaInputError
+from sama_core.cli import command_line
+from sama_core.errors import SamaFileNotFoundError, SamaInputError
 
 log = logging.getLogger(__name__)
 
@@ -982,6 +983,7 @@ def convergence_curves(run: Run, limit: int = 20, kinds=("color", "remove", "add
 
 # ------------------------------------------------------------------------------------------------ CLI
 
+@command_line("interrupted: run the same command again to continue")
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="python -m train.shapes", description="SAMA-Shapes end to end.")
@@ -1008,36 +1010,29 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        if args.command == "run":
-            run = start_run(args.out, args.budget, args.variant, args.reuse)
-            t0 = time.perf_counter()
-            ran = run_pipeline(run, args.until, args.install)
-            print(f"ran {', '.join(ran) or 'nothing (all done)'} in {time.perf_counter() - t0:.1f} s; "
-                  f"bundle: {run.path('bundle')}, evaluation: {run.path('eval', 'results.md')}")
-            return 0
-        if args.command == "compare":
-            from .shapes_compare import compare
-            print(f"toy reproduction: {compare(args.runs, Path(args.out))}")
-            return 0
-        if not (Path(args.out) / RUN_FILE).exists():
-            raise SamaFileNotFoundError(f"{args.out} is not a SAMA-Shapes run (no {RUN_FILE})")
-        state = json.loads((Path(args.out) / RUN_FILE).read_text())
-        run = start_run(args.out, state["budget"], state["variant"], state.get("reuse"))
-        if args.command == "status":
-            for stage in stages_of(run):
-                seconds = state.get("stages", {}).get(stage.name, {}).get("seconds")
-                spent = "" if seconds is None else f"{seconds:.0f} s"
-                print(f"{stage.name:9s} {stage_state(run, stage):8s} {spent}")
-            return 0
-        print(f"curves: {convergence_curves(run, args.limit)}")
+    if args.command == "run":
+        run = start_run(args.out, args.budget, args.variant, args.reuse)
+        t0 = time.perf_counter()
+        ran = run_pipeline(run, args.until, args.install)
+        print(f"ran {', '.join(ran) or 'nothing (all done)'} in {time.perf_counter() - t0:.1f} s; "
+              f"bundle: {run.path('bundle')}, evaluation: {run.path('eval', 'results.md')}")
         return 0
-    except SamaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue", file=sys.stderr)
-        return 130
+    if args.command == "compare":
+        from .shapes_compare import compare
+        print(f"toy reproduction: {compare(args.runs, Path(args.out))}")
+        return 0
+    if not (Path(args.out) / RUN_FILE).exists():
+        raise SamaFileNotFoundError(f"{args.out} is not a SAMA-Shapes run (no {RUN_FILE})")
+    state = json.loads((Path(args.out) / RUN_FILE).read_text())
+    run = start_run(args.out, state["budget"], state["variant"], state.get("reuse"))
+    if args.command == "status":
+        for stage in stages_of(run):
+            seconds = state.get("stages", {}).get(stage.name, {}).get("seconds")
+            spent = "" if seconds is None else f"{seconds:.0f} s"
+            print(f"{stage.name:9s} {stage_state(run, stage):8s} {spent}")
+        return 0
+    print(f"curves: {convergence_curves(run, args.limit)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 import yaml
 
+from sama_core.cli import command_line
 from sama_core.errors import SamaError, SamaFileNotFoundError, SamaInputError
 from sama_core.vae import LATENT_CHANNELS, WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
 
@@ -859,6 +860,7 @@ def _progress_bar(cfg: VAETrainConfig, accelerator, step: int):
 
 # ------------------------------------------------------------------------------------------------ CLI
 
+@command_line("interrupted: resume with --resume latest")
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="python -m train.vae_train",
@@ -868,15 +870,8 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. max_steps=100 model.base_dim=8")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        cfg = load_vae_config(args.config, args.overrides)
-        final = train_vae(cfg, resume=args.resume)
-    except SamaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: resume with --resume latest", file=sys.stderr)
-        return 130
+    cfg = load_vae_config(args.config, args.overrides)
+    final = train_vae(cfg, resume=args.resume)
     print(f"VAE exported to {final}")
     return 0
 
