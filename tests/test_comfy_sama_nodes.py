@@ -543,3 +543,53 @@ def test_sama_shapes_workflow_makes_the_demo_edit_like_the_pipeline(comfy_server
     expected, _ = pipe.edit_frames(source, card["demo_prompt"], options=pipe.sampler_options(steps=steps, seed=0))
     assert (output - expected.clamp(0, 1)).abs().mean() < 0.03
     assert comfy_server.network_attempts() == []
+
+
+@pytest.mark.skipif(not (SHAPES_BUNDLE / "sample_region.png").is_file(),
+                    reason=f"no demo region at {SHAPES_BUNDLE} (python -m train.shapes run --install writes it)")
+def test_sama_shapes_region_workflow_keeps_the_source_outside_the_mask(comfy_server):
+    """workflows/sama_shapes_region_demo: Load Image (as Mask) -> SAMA Sampler's mask and Image Composite Masked.
+    Outside the painted region the saved video is the source (up to the mp4 coding, which the plain demo's
+    blurred objects exceed several times); inside it the edit happens as in the headless pipeline given the
+    same mask file (python -m sama_core edit --mask)."""
+    from edit_judge import edit_region, judge, kept_objects, vae_round_trip
+    from PIL import Image
+
+    from sama_core.pipeline import SamaPipeline
+    from sama_core.video import read_video
+
+    card = json.loads((SHAPES_BUNDLE / "bundle.json").read_text())["card"]
+    shutil.copy(SHAPES_BUNDLE / "sample.mp4", comfy_server.input_path("sama_shapes_sample.mp4"))
+    shutil.copy(SHAPES_BUNDLE / "sample_region.png", comfy_server.input_path("sama_shapes_sample_region.png"))
+    workflow = load_workflow("sama_shapes_region_demo_api.json")
+    assert workflow["10"]["inputs"]["mask"] == ["9", 0] and workflow["18"]["inputs"]["mask"] == ["9", 0]
+    workflow["17"]["inputs"]["filename_prefix"] = _unique("video/sama_shapes_region_demo")
+
+    result = comfy_server.run(workflow, timeout=300)
+
+    frames, _ = _read_video(result.files("17")[0])
+    output = torch.from_numpy(frames).float() / 255
+    source, _ = read_video(SHAPES_BUNDLE / "sample.mp4")
+    target, _ = read_video(SHAPES_BUNDLE / "sample_target.mp4")
+    region = torch.from_numpy(np.array(Image.open(SHAPES_BUNDLE / "sample_region.png")) > 127)  # (H, W)
+    assert 0.05 < region.float().mean() < 0.5
+    # Saving re-codes the video (lossy): the sample passed straight through Load Video -> Save Video is off
+    # by 0.008 on average and up to 0.23 (measured), so only the mean is held to the source here.
+    outside = (output - source).abs()[:, ~region].mean()
+    assert outside < 0.006, outside
+
+    pipe = SamaPipeline.from_bundle(SHAPES_BUNDLE, device="cpu", dtype="fp32")
+    steps = workflow["10"]["inputs"]["steps"]
+    expected, _ = pipe.edit_frames(source, card["demo_prompt"], options=pipe.sampler_options(steps=steps, seed=0),
+                                   mask=region.float())
+    assert (output - expected.clamp(0, 1)).abs().mean() < 0.03
+    plain, _ = pipe.edit_frames(source, card["demo_prompt"], options=pipe.sampler_options(steps=steps, seed=0))
+    verdict = judge(output, source, target, vae_round_trip(pipe))
+    assert verdict["progress"] > 0.5, verdict
+    # the objects the instruction leaves alone, against the source itself (judge's kept_error compares with
+    # the VAE's blurred source): kept far better than by the instruction alone (the purple circle crosses the
+    # region in the first frames, so not all of it is kept)
+    kept = kept_objects(source, edit_region(source, target))
+    kept_error, plain_kept_error = ((x.clamp(0, 1) - source).abs()[kept].mean() for x in (output, plain))
+    assert kept_error < plain_kept_error / 2, (kept_error, plain_kept_error)  # measured 0.040 vs 0.111
+    assert outside < (plain.clamp(0, 1) - source).abs()[:, ~region].mean() / 3  # the plain edit: ~0.024

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sama_core.errors import SamaFileNotFoundError, SamaInputError
+from sama_core.video import read_video
 from sama_core.vae import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
 from train import eval as ev
 from train import shapes
@@ -908,6 +909,13 @@ def test_tiny_budget_runs_every_stage_and_continues_after_a_stop(tiny_run):
     assert spec["defaults"] == {"steps": 2, "guidance": 2.0, "shift": 5.0, "target_area": 4096}
     card = spec["card"]
     assert card["demo_video"] == "sample.mp4" and card["demo_prompt"]
+    # the demo's region mask (workflows/sama_shapes_region_demo), from the bundle's own clips
+    from PIL import Image
+    region = np.array(Image.open(out / "bundle" / shapes.DEMO_REGION))
+    source, _ = read_video(out / "bundle" / "sample.mp4")
+    target, _ = read_video(out / "bundle" / "sample_target.mp4")
+    assert region.shape == tuple(source.shape[1:3]) and set(np.unique(region)) == {0, 255}
+    assert (region == 255).tolist() == shapes.demo_region(source, target).tolist()
     demo = json.loads((out / "demo" / "sample.json").read_text())
     assert card["demo_kind"] == demo["kind"] == shapes.DEMO_KIND and card["demo_prompt"] == demo["instruction"]
     # the steps the exported DiTs were trained for, read from their exports (the tiny budget runs to max_steps)
@@ -1182,3 +1190,16 @@ def test_kaiming_zero_init_starts_every_residual_branch_at_zero_and_reads_the_in
             z = model.encode(frames).latent_dist.mean
         spread[init] = float(z.std(dim=0).mean() / z.std())  # variation across inputs, relative
     assert spread["kaiming_zero"] > 2 * spread["default"], spread
+
+
+def test_demo_region_is_every_changed_pixel_grown_by_the_brush():
+    """One pixel changed in one frame -> a (2 * grow + 1)-px square around it in the one region image; coding
+    noise under DEMO_REGION_CHANGE changes nothing."""
+    source = torch.zeros(5, 32, 32, 3)
+    target = source.clone()
+    target[3, 10, 20] = torch.tensor([0.0, 0.5, 0.0])
+    target[1] += shapes.DEMO_REGION_CHANGE * 0.9  # noise everywhere in another frame
+    region = shapes.demo_region(source, target, grow=2)
+    expected = np.zeros((32, 32), bool)
+    expected[8:13, 18:23] = True
+    assert region.tolist() == expected.tolist()

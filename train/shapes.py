@@ -407,6 +407,35 @@ def write_demo_clip(folder: Path) -> None:
          "change": edit.edit.change, "caption": clip.caption}, indent=1) + "\n")
 
 
+DEMO_REGION = "sample_region.png"
+DEMO_REGION_GROW = 3   # px: a rough brush around the path, like a user's (the objects are 8-20 px wide)
+DEMO_REGION_CHANGE = 0.1  # max RGB difference that counts as changed (the mp4s' coding noise stays under it)
+
+
+def demo_region(source, target, grow: int = DEMO_REGION_GROW):
+    """(F, H, W, 3) source and target clips in [0, 1] -> (H, W) bool: every pixel the edit changes in any frame,
+    grown by `grow` px. One image for the whole clip, what a user paints over an object's path."""
+    import cv2
+    import numpy as np
+    changed = (source - target).abs().amax(-1).amax(0) > DEMO_REGION_CHANGE  # (H, W)
+    kernel = np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)
+    return cv2.dilate(changed.numpy().astype(np.uint8), kernel) > 0
+
+
+def write_demo_region(bundle: Path) -> Path:
+    """The bundle's `sample_region.png`: the demo edit's region as a white-on-black mask of the clip's size,
+    from the bundle's own sample.mp4 and sample_target.mp4. `python -m sama_core edit --mask` reads it, and
+    so does ComfyUI's Load Image (as Mask) with channel red (workflows/sama_shapes_region_demo_api.json)."""
+    from PIL import Image
+
+    from sama_core.video import read_video
+    source, _ = read_video(bundle / "sample.mp4")
+    target, _ = read_video(bundle / "sample_target.mp4")
+    path = bundle / DEMO_REGION
+    Image.fromarray(demo_region(source, target).astype("uint8") * 255).save(path)
+    return path
+
+
 def stage_vae(run: Run) -> None:
     python_command(run, ["-m", "train.vae_train", "--config", str(run.path("shapes_vae.yaml")), "--resume",
                          "latest"], "vae")
@@ -744,6 +773,7 @@ def export_bundle(run: Run, folder: Path) -> Path:
     # users compare the demo's output with.
     from .synthetic import load_clip, save_clip
     save_clip(tmp / "sample_target.mp4", load_clip(run.path("demo", "sample_target.npz")), crf=12)
+    write_demo_region(tmp)
     size = sum(p.stat().st_size for p in tmp.iterdir())
     if size > MAX_BUNDLE_BYTES and run.budget.name == "full":
         raise SamaInputError(f"the bundle is {size / 2**20:.1f} MB, over the {MAX_BUNDLE_BYTES / 2**20:.0f} MB "

@@ -200,6 +200,20 @@ ComfyUI's model folders, so the loaders list `sama-shapes/dit.safetensors`,
 gray; the model removes objects far more reliably than it recolours them), or load another
 shapes clip and write your own instruction, e.g. "make the red square blue", "remove the star",
 "turn the circle into a triangle", "change the background to stripes".""",
+    "sama_shapes_region_demo": """# SAMA-Shapes demo, editing only a region
+
+The SAMA-Shapes demo with a **mask**: white where the edit may change the video. Outside it the sampler
+keeps the source's latents at every step, and Image Composite Masked puts the source's own pixels back after
+decoding, so the objects the instruction leaves alone stay exactly as they were (instruction alone, this
+tiny model blurs and moves them; docs/sama_shapes.md).
+
+**Inputs**: copy `sama_core/assets/sama-shapes/sample.mp4` to `ComfyUI/input/sama_shapes_sample.mp4` and
+`sama_core/assets/sama-shapes/sample_region.png` to `ComfyUI/input/sama_shapes_sample_region.png` (white over
+the cyan circle's path, black elsewhere). Load Image (as Mask) reads its *red* channel.
+
+**Your own mask**: paint white on black at the size the sampler edits at (here 64x64, the clip's size), one
+image for the whole clip, or paint over a frame in Load Image's mask editor and use that node's MASK output
+(the painted area is 1). Paint generously around the object's whole path.""",
     "tiny_demo_native_ksampler": f"""# SAMA tiny demo with the native KSampler (random weights)
 
 SAMA In-Context -> KSampler (euler / simple) -> SAMA Extract Latent, with the tiny bundle.
