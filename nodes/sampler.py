@@ -6,7 +6,10 @@
   and the latent, so any native sampler (KSampler, SamplerCustomAdvanced, ...) edits with SAMA.
 """
 
+import logging
+
 import torch
+import torch.nn.functional as F
 
 import comfy.latent_formats
 import comfy.model_management
@@ -22,6 +25,8 @@ from ..sama_core.sampler import NUM_SEMANTIC_TOKENS, SamplerOptions, sample
 from ..sama_core.scheduler import anchor_sigma_cut, flow_sigmas
 from .comfy_model import SAMA_SHIFT, DirectSama, compute_dtype, sama_diffusion_model
 from .packing import pack
+
+log = logging.getLogger(__name__)
 
 CATEGORY = "SAMA"
 Anchors = io.Custom("SAMA_ANCHORS")
@@ -129,7 +134,8 @@ class SamaSampler(io.ComfyNode):
                                        "changes (0 = off; 0.05 mild, 0.15 aggressive; approximate)."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Where the edit may change the video (1 = white): one mask for every frame "
-                                      "or one per frame, at the source's size. Outside it the latent stays the "
+                                      "or one per frame (another size is stretched to the source's). Outside it "
+                                      "the latent stays the "
                                       "source's; for the source's exact pixels there, put ImageCompositeMasked "
                                       "(destination = source, source = decoded edit, this mask) after VAE "
                                       "Decode."),
@@ -184,9 +190,18 @@ class SamaSampler(io.ComfyNode):
 
 
 def _edit_region(mask: torch.Tensor, latent_shape) -> torch.Tensor:
-    """A ComfyUI MASK ((H, W) or (frames, H, W), 1 = may change) -> the sampler's region on the latent grid."""
+    """A ComfyUI MASK ((H, W) or (frames, H, W), 1 = may change) -> the sampler's region on the latent grid.
+    A mask of another size is stretched to the frames' size first, as ComfyUI's own mask consumers do
+    (Image Composite Masked, a latent's noise_mask): a mask painted on the full-size video keeps working
+    after the frames are scaled for the model."""
     t, h, w = latent_shape[2:]
-    pixels = check_pixel_mask(mask.float().cpu(), 4 * (t - 1) + 1, 8 * h, 8 * w, name="mask")
+    mask = mask.float().cpu()
+    if mask.ndim in (2, 3) and tuple(mask.shape[-2:]) != (8 * h, 8 * w):
+        log.info("SAMA: mask %dx%d stretched to the video's %dx%d", mask.shape[-1], mask.shape[-2], 8 * w, 8 * h)
+        flat = mask.reshape(-1, 1, *mask.shape[-2:])
+        stretched = F.interpolate(flat, size=(8 * h, 8 * w), mode="bilinear").clamp(0, 1)
+        mask = stretched.reshape(*mask.shape[:-2], 8 * h, 8 * w)
+    pixels = check_pixel_mask(mask, 4 * (t - 1) + 1, 8 * h, 8 * w, name="mask")
     return latent_region(pixels, latent_shape)
 
 

@@ -305,14 +305,25 @@ def _assert_the_mask_keeps_the_source_outside_it(host, build_prompt, name, seed,
     torch.testing.assert_close(everywhere, plain, atol=full_mask_atol, rtol=0)
 
 
-def test_a_mask_keeps_the_source_latent_outside_it_and_a_wrong_size_is_refused(tiny):
+def test_a_mask_keeps_the_source_latent_outside_it_and_a_wrong_frame_count_is_refused(tiny):
     _assert_the_mask_keeps_the_source_outside_it(tiny, _latent_edit_prompt, "sama", seed=13, full_mask_atol=0)
 
+    # A mask painted at another size (here twice the edit's) is stretched to the frames: the same edit.
+    small = _saved_latent(tiny.run(_with_mask(_latent_edit_prompt(_unique("sama_mask_32"), seed=13)), timeout=120))
+    large = _saved_latent(tiny.run(_with_mask(_latent_edit_prompt(_unique("sama_mask_64"), seed=13), size=64,
+                                              painted=32), timeout=120))
+    torch.testing.assert_close(large, small, atol=0, rtol=0)
+
+    prompt = _with_mask(_latent_edit_prompt(_unique("sama_mask_frames")))  # 3 masks for a 5-frame video
+    prompt["23"] = {"class_type": "MaskToImage", "inputs": {"mask": ["22", 0]}}
+    prompt["24"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["23", 0], "amount": 3}}
+    prompt["25"] = {"class_type": "ImageToMask", "inputs": {"image": ["24", 0], "channel": "red"}}
+    prompt["4"]["inputs"]["mask"] = ["25", 0]
     with pytest.raises(PromptFailed) as failed:
-        tiny.run(_with_mask(_latent_edit_prompt(_unique("sama_mask_size")), size=48), timeout=120)
+        tiny.run(prompt, timeout=120)
     error = failed.value.result.error
     assert (error["node_type"], error["exception_type"].split(".")[-1]) == ("SamaSampler", "SamaInputError")
-    assert "mask is 48x48 but the video is 32x32" in error["exception_message"]
+    assert "mask has 3 frames but the video has 5" in error["exception_message"]
     _assert_still_serving(tiny)
 
 

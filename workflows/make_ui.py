@@ -211,9 +211,9 @@ tiny model blurs and moves them; docs/sama_shapes.md).
 `sama_core/assets/sama-shapes/sample_region.png` to `ComfyUI/input/sama_shapes_sample_region.png` (white over
 the cyan circle's path, black elsewhere). Load Image (as Mask) reads its *red* channel.
 
-**Your own mask**: paint white on black at the size the sampler edits at (here 64x64, the clip's size), one
-image for the whole clip, or paint over a frame in Load Image's mask editor and use that node's MASK output
-(the painted area is 1). Paint generously around the object's whole path.""",
+**Your own mask**: paint white on black, at any size (SAMA Sampler and Image Composite Masked stretch it to
+the frames), one image for the whole clip; or paint over a frame in Load Image's mask editor and use that
+node's MASK output (the painted area is 1). Paint generously around the object's whole path.""",
     "tiny_demo_native_ksampler": f"""# SAMA tiny demo with the native KSampler (random weights)
 
 SAMA In-Context -> KSampler (euler / simple) -> SAMA Extract Latent, with the tiny bundle.
