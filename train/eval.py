@@ -564,7 +564,7 @@ def evaluate(methods: dict[str, Method], rows: list[dict], out_dir=None, example
     return EvalReport(summaries, results, seconds, files)
 
 
-def guidance_row(name: str, guidance: Optional[float], sweep: bool,
+def row_name(name: str, guidance: Optional[float], sweep: bool,
                  denoise: Optional[float] = None, denoise_sweep: bool = False) -> str:
     """The row name: "NAME", "NAME (guidance G)", "NAME (denoise D)" or "NAME (guidance G, denoise D)"
     (a value is named only when that setting is swept)."""
@@ -605,7 +605,7 @@ def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], see
                 for denoise in denoises:
                     options = model.sampler_options(steps=steps, seed=seed, guidance=guidance, shift=shift,
                                                     denoise=denoise)
-                    name = guidance_row(row, guidance, sweep, denoise, denoise_sweep)
+                    name = row_name(row, guidance, sweep, denoise, denoise_sweep)
                     methods[name] = pipeline_method(model, options)
                     if edit_mask:
                         methods[name + EDIT_MASK_SUFFIX] = pipeline_method(model, options, edit_mask=True)
