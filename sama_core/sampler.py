@@ -72,7 +72,8 @@ class StepInfo:
     total: int
     sigma: float
     latents: torch.Tensor      # (B, 16, F, H, W) after the step
-    denoised: torch.Tensor     # (B, 16, F, H, W) predicted clean latents at this step (for previews)
+    denoised: torch.Tensor     # (B, 16, F, H, W) predicted clean latents at this step (for previews; the
+                               # source outside an edit region)
     semantic: Optional[torch.Tensor]
 
 
@@ -275,6 +276,7 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
         x = video_solver.step(x, v, i)
         if region is not None:
             x = keep_outside(x, source, noise, sigmas[i + 1] if i + 1 < opts.steps else 0.0, region.to(x))
+            denoised = keep_outside(denoised, source, noise, 0.0, region.to(x))  # previews show what will be kept
         if sem is not None:
             sem = semantic_solver.step(sem, v_sem, i)
         if callback is not None:

@@ -68,8 +68,12 @@ def test_sampler_keeps_the_outside_on_the_sources_flow_path_and_ends_at_the_sour
     region[..., 1:3, 0:2] = 1.0
     opts = SamplerOptions(steps=4, guidance=2.0, seed=3)
     seen = []
-    res = sample(model, inp["context"], uncond, source=source, options=opts, region=region,
-                 callback=lambda info: seen.append(info.latents.clone()))
+    previews = []
+
+    def on_step(info):
+        seen.append(info.latents.clone())
+        previews.append(info.denoised.clone())
+    res = sample(model, inp["context"], uncond, source=source, options=opts, region=region, callback=on_step)
     noise, _ = initial_noise(source.shape, (1, 65, TINY.siglip_dim), 3)
     sigmas = torch.cat([flow_sigmas(4), torch.zeros(1)])
     outside = (region == 0).expand_as(source)
@@ -77,6 +81,9 @@ def test_sampler_keeps_the_outside_on_the_sources_flow_path_and_ends_at_the_sour
         on_path = (1 - sigmas[i + 1]) * source + sigmas[i + 1] * noise
         torch.testing.assert_close(latents[outside], on_path[outside], atol=1e-6, rtol=0)
     assert torch.equal(res.latents[outside], source[outside])
+    for preview in previews:  # the step's clean estimate (what previews show) is the source outside too
+        assert torch.equal(preview[outside], source[outside])
+    assert not torch.equal(previews[0][~outside], source[~outside])
     free = sample(model, inp["context"], uncond, source=source, options=opts)
     inside = (region == 1).expand_as(source)
     assert not torch.allclose(res.latents[inside], source[inside], atol=1e-3)
