@@ -23,6 +23,7 @@ from ..sama_core.errors import SamaInputError
 from ..sama_core.region import check_pixel_mask, latent_region
 from ..sama_core.sampler import NUM_SEMANTIC_TOKENS, SamplerOptions, sample
 from ..sama_core.scheduler import anchor_sigma_cut, flow_sigmas
+from ..sama_core.video import next_4k_plus_1, pad_to_4k_plus_1
 from .comfy_model import SAMA_SHIFT, DirectSama, compute_dtype, sama_diffusion_model
 from .packing import pack
 
@@ -134,8 +135,8 @@ class SamaSampler(io.ComfyNode):
                                        "changes (0 = off; 0.05 mild, 0.15 aggressive; approximate)."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Where the edit may change the video (1 = white): one mask for every frame "
-                                      "or one per frame (another size is stretched to the source's). Outside it "
-                                      "the latent stays the "
+                                      "or one per frame (of the clip before or after SAMA Frames To 4k+1; another "
+                                      "size is stretched to the frames'). Outside it the latent stays the "
                                       "source's; for the source's exact pixels there, put ImageCompositeMasked "
                                       "(destination = source, source = decoded edit, this mask) after VAE "
                                       "Decode."),
@@ -193,7 +194,8 @@ def _edit_region(mask: torch.Tensor, latent_shape) -> torch.Tensor:
     """A ComfyUI MASK ((H, W) or (frames, H, W), 1 = may change) -> the sampler's region on the latent grid.
     A mask of another size is stretched to the frames' size first, as ComfyUI's own mask consumers do
     (Image Composite Masked, a latent's noise_mask): a mask painted on the full-size video keeps working
-    after the frames are scaled for the model."""
+    after the frames are scaled for the model. Per-frame masks of the video before padding to 4k+1 are
+    padded the same way (the last mask repeated)."""
     t, h, w = latent_shape[2:]
     mask = mask.float().cpu()
     if mask.ndim in (2, 3) and tuple(mask.shape[-2:]) != (8 * h, 8 * w):
@@ -201,7 +203,10 @@ def _edit_region(mask: torch.Tensor, latent_shape) -> torch.Tensor:
         flat = mask.reshape(-1, 1, *mask.shape[-2:])
         stretched = F.interpolate(flat, size=(8 * h, 8 * w), mode="bilinear").clamp(0, 1)
         mask = stretched.reshape(*mask.shape[:-2], 8 * h, 8 * w)
-    pixels = check_pixel_mask(mask, 4 * (t - 1) + 1, 8 * h, 8 * w, name="mask")
+    frames = 4 * (t - 1) + 1
+    if mask.ndim == 3 and 1 < mask.shape[0] < frames and next_4k_plus_1(mask.shape[0]) == frames:
+        mask, _ = pad_to_4k_plus_1(mask)  # one mask per frame of the video before SAMA Frames To 4k+1 padded it
+    pixels = check_pixel_mask(mask, frames, 8 * h, 8 * w, name="mask")
     return latent_region(pixels, latent_shape)
 
 

@@ -314,16 +314,22 @@ def test_a_mask_keeps_the_source_latent_outside_it_and_a_wrong_frame_count_is_re
                                               painted=32), timeout=120))
     torch.testing.assert_close(large, small, atol=0, rtol=0)
 
-    prompt = _with_mask(_latent_edit_prompt(_unique("sama_mask_frames")))  # 3 masks for a 5-frame video
-    prompt["23"] = {"class_type": "MaskToImage", "inputs": {"mask": ["22", 0]}}
-    prompt["24"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["23", 0], "amount": 3}}
-    prompt["25"] = {"class_type": "ImageToMask", "inputs": {"image": ["24", 0], "channel": "red"}}
-    prompt["4"]["inputs"]["mask"] = ["25", 0]
+    def per_frame(prefix, count):  # the painted mask repeated `count` times, one per frame
+        prompt = _with_mask(_latent_edit_prompt(_unique(prefix), seed=13))
+        prompt["23"] = {"class_type": "MaskToImage", "inputs": {"mask": ["22", 0]}}
+        prompt["24"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["23", 0], "amount": count}}
+        prompt["25"] = {"class_type": "ImageToMask", "inputs": {"image": ["24", 0], "channel": "red"}}
+        prompt["4"]["inputs"]["mask"] = ["25", 0]
+        return prompt
+
+    # 4 masks for the 5-frame video: the masks of a 4-frame clip that SAMA Frames To 4k+1 padded, padded alike
+    torch.testing.assert_close(_saved_latent(tiny.run(per_frame("sama_mask_4", 4), timeout=120)), small,
+                               atol=0, rtol=0)
     with pytest.raises(PromptFailed) as failed:
-        tiny.run(prompt, timeout=120)
+        tiny.run(per_frame("sama_mask_7", 7), timeout=120)
     error = failed.value.result.error
     assert (error["node_type"], error["exception_type"].split(".")[-1]) == ("SamaSampler", "SamaInputError")
-    assert "mask has 3 frames but the video has 5" in error["exception_message"]
+    assert "mask has 7 frames but the video has 5" in error["exception_message"]
     _assert_still_serving(tiny)
 
 
