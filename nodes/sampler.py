@@ -133,6 +133,14 @@ class SamaSampler(io.ComfyNode):
                 io.Float.Input("cache_threshold", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="Step caching: reuse the model's last result while the input barely "
                                        "changes (0 = off; 0.05 mild, 0.15 aggressive; approximate)."),
+                io.Boolean.Input("flowedit", default=False, optional=True,
+                                 tooltip="FlowEdit: start from the source and apply only what the instruction "
+                                         "changes (the edit's velocity minus the negative prompt's "
+                                         "reconstruction), so the rest stays closer to the source. Two model "
+                                         "passes per step more; euler only, no anchors, windows or caching."),
+                io.Int.Input("flowedit_skip", default=2, min=0, max=1000, optional=True,
+                             tooltip="FlowEdit: the first, noisiest steps skipped; more keeps more of the source "
+                                     "(and edits less)."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Where the edit may change the video (1 = white): one mask for every frame "
                                       "or one per frame (of the clip before or after SAMA Frames To 4k+1; another "
@@ -148,7 +156,7 @@ class SamaSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, seed, steps, cfg, shift, denoise, source_images=None, vae=None,
                 source_latent=None, source_scale=0.0, text_scale=0.0, anchors=None, anchor_strength=0.5,
                 window_frames=0, window_overlap_frames=16, batch_cfg=False, solver="euler",
-                cache_threshold=0.0, mask=None) -> io.NodeOutput:
+                cache_threshold=0.0, flowedit=False, flowedit_skip=2, mask=None) -> io.NodeOutput:
         dit = sama_diffusion_model(model)
         raw_source = encode_source(source_images, vae, source_latent)
         two_scale = (source_scale or 0) > 0 or (text_scale or 0) > 0
@@ -158,7 +166,7 @@ class SamaSampler(io.ComfyNode):
             batch_cfg=batch_cfg, solver=solver, cache_threshold=cache_threshold,
             anchor_strength=anchor_strength if anchors is not None else 0.0,
             window_latent_frames=(window_frames - 1) // 4 + 1 if window_frames else None,
-            window_overlap=max(1, window_overlap_frames // 4))
+            window_overlap=max(1, window_overlap_frames // 4), flowedit=bool(flowedit), flowedit_skip=flowedit_skip)
 
         comfy.model_management.load_models_gpu([model])
         device, dtype = model.load_device, compute_dtype(model)

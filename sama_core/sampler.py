@@ -53,6 +53,10 @@ class SamplerOptions:
     # accumulated output change stays under this (0 = off; ~0.05-0.2 trades quality for speed).
     cache_threshold: float = 0.0
     cache_warmup: int = 2
+    # FlowEdit (opt-in, sama_core/flowedit.py): start from the source and integrate only the difference
+    # between the edit's velocity and the negative prompt's reconstruction; skip the first sigmas.
+    flowedit: bool = False
+    flowedit_skip: int = 2
 
     @classmethod
     def fast(cls, **overrides) -> "SamplerOptions":
@@ -230,6 +234,9 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
             raise SamaInputError(f"anchor tokens {tuple(anchor_tokens.shape)} must be {sem_shape} "
                                  "(batch, 65 per anchor, SigLIP width)")
     check_region(region, target_shape, source)
+    if opts.flowedit:
+        return _flowedit(model, cond, uncond, source, target_shape, sigmas, sem_shape, opts, anchor_tokens,
+                         callback, should_interrupt, denoiser_wrapper, region)
     noise, sem_noise = initial_noise(target_shape, sem_shape, opts.seed, dtype)
     noise, sem_noise = noise.to(device), (sem_noise.to(device) if sem_noise is not None else None)
 
@@ -283,3 +290,19 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
             callback(StepInfo(i, opts.steps, float(sigma), x, denoised, sem))
     stats = cache.stats if cache is not None else {"model_calls": opts.steps, "skipped_steps": 0}
     return SampleResult(x, sem, stats)
+
+
+def _flowedit(model, cond, uncond, source, target_shape, sigmas, sem_shape, opts, anchor_tokens, callback,
+              should_interrupt, denoiser_wrapper, region) -> SampleResult:
+    from .flowedit import check_flowedit_options, flowedit_loop, reconstruction_options
+    check_flowedit_options(opts, source, target_shape, anchor_tokens)
+    if uncond is None:
+        raise SamaInputError("FlowEdit reconstructs the source with the negative prompt: pass one (uncond)")
+    edit = make_denoiser(model, source, cond, uncond, opts)
+    reconstruction = make_denoiser(model, source, uncond, None, reconstruction_options(opts))
+    if denoiser_wrapper is not None:
+        edit, reconstruction = denoiser_wrapper(edit), denoiser_wrapper(reconstruction)
+    keep = None if region is None else (lambda z: region.to(z) * z + (1 - region.to(z)) * source)
+    z, sem = flowedit_loop(edit, reconstruction, source, sigmas, sem_shape, opts, keep, callback, should_interrupt)
+    used = opts.steps - opts.flowedit_skip
+    return SampleResult(z, sem, {"model_calls": 2 * used, "skipped_steps": opts.flowedit_skip})

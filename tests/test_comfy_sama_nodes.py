@@ -333,6 +333,28 @@ def test_a_mask_keeps_the_source_latent_outside_it_and_a_wrong_frame_count_is_re
     _assert_still_serving(tiny)
 
 
+def test_flowedit_on_the_sampler_node_edits_from_the_source(tiny):
+    """SAMA Sampler with flowedit on: with the instruction as its own negative prompt the edit and the
+    reconstruction agree, so the output is the source (here the zero latent) where the released sampler
+    regenerates a video; with the real negative it edits; a clash (unipc) is a clear node error."""
+    def prompt(name, flowedit, negative=("3", 1), **extra):
+        p = _latent_edit_prompt(_unique(name), seed=4, steps=3)
+        p["4"]["inputs"].update(flowedit=flowedit, flowedit_skip=1, negative=list(negative), **extra)
+        return p
+    blind = _saved_latent(tiny.run(prompt("sama_flow_blind", True, negative=("3", 0)), timeout=120))
+    torch.testing.assert_close(blind, torch.zeros_like(blind), atol=1e-5, rtol=0)
+    regenerated = _saved_latent(tiny.run(prompt("sama_flow_off", False, negative=("3", 0)), timeout=120))
+    assert regenerated.abs().max() > 1e-2
+    edited = _saved_latent(tiny.run(prompt("sama_flow_edit", True), timeout=120))
+    assert edited.shape == blind.shape and edited.abs().max() > 1e-3
+    with pytest.raises(PromptFailed) as failed:
+        tiny.run(prompt("sama_flow_unipc", True, solver="unipc"), timeout=120)
+    error = failed.value.result.error
+    assert (error["node_type"], error["exception_type"].split(".")[-1]) == ("SamaSampler", "SamaInputError")
+    assert "turn off solver" in error["exception_message"]
+    _assert_still_serving(tiny)
+
+
 def _native_edit_prompt(prefix, seed=0, steps=2):
     """The same tiny edit through SAMA In-Context + the stock KSampler + SAMA Extract Latent."""
     prompt = _latent_edit_prompt(prefix, seed=seed, steps=steps)

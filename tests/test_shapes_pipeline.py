@@ -519,6 +519,27 @@ def test_eval_denoise_sweep_reaches_the_sampler_and_crosses_with_guidance(heldou
     assert "--denoise takes numbers in (0, 1]" in capsys.readouterr().err
 
 
+def test_eval_flowedit_rows_sample_with_flowedit(heldout, tmp_path, capsys, monkeypatch):
+    from sama_core.bundle import write_tiny_random_bundle
+    bundle = write_tiny_random_bundle(tmp_path / "bundle", defaults={"steps": 3, "guidance": 2.0})
+    seen = []  # (flowedit, flowedit_skip) of every model row's sampler options
+    real_method = ev.pipeline_method
+    monkeypatch.setattr(ev, "pipeline_method",
+                        lambda model, options: seen.append((options.flowedit, options.flowedit_skip)) or
+                        real_method(model, options))
+    common = ["--bundle", str(bundle), "--data", str(heldout), "--limit", "1", "--kinds", "color",
+              "--baselines", "copy"]
+    assert ev.main([*common, "--out", str(tmp_path / "flow"), "--flowedit", "0,1"]) == 0
+    rows = {r["method"]: r for r in map(json.loads, (tmp_path / "flow" / "per_edit.jsonl").read_text().splitlines())}
+    assert set(rows) == {"SAMA-Shapes", "SAMA-Shapes + FlowEdit (skip 0)", "SAMA-Shapes + FlowEdit (skip 1)",
+                         "copy (output = source)"}
+    assert seen == [(False, 2), (True, 0), (True, 1)]
+    assert len({rows[m]["psnr"] for m in rows if m.startswith("SAMA")}) == 3  # three different edits
+    assert ev.parse_flowedit_skips("2,4") == (2, 4) and ev.parse_flowedit_skips(None) == ()
+    assert ev.main([*common, "--flowedit", "1.5"]) == 2
+    assert "--flowedit takes whole numbers >= 0" in capsys.readouterr().err
+
+
 def test_eval_ctrl_c_says_nothing_was_written_instead_of_a_traceback(heldout, tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

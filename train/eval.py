@@ -87,6 +87,7 @@ VISIBLE_SHARE = 0.5        # "clearly visible": at least this share of the objec
 PSNR_CAP = 100.0
 EDIT_MASK_GROW = 2         # px the edit mask is grown by for the "+ edit mask" rows (a user's rough brush)
 EDIT_MASK_SUFFIX = " + edit mask"
+FLOWEDIT_SUFFIX = " + FlowEdit"
 # Baseline row names (train/paired.py and train/shapes_compare.py tell them from the model rows by these).
 COPY_ROW = "copy (output = source)"
 GROUND_TRUTH_ROW = "ground truth"
@@ -575,7 +576,8 @@ def row_name(name: str, guidance: Optional[float], sweep: bool,
 def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], seed: int, name: str,
                    baselines: list[str], guidances: tuple = (None,),
                    extra_vaes: Optional[dict[str, str]] = None, shift: Optional[float] = None,
-                   denoises: tuple = (None,), edit_mask: bool = False) -> dict[str, Method]:
+                   denoises: tuple = (None,), edit_mask: bool = False,
+                   flowedit_skips: tuple = ()) -> dict[str, Method]:
     """The methods to evaluate. guidances: the bundle's default (None) or given values; with more than one,
     every model gets a row per value ("NAME (guidance G)"), e.g. to choose the bundle's default on a
     validation set (a held-out split drawn with another seed) rather than on the test set.
@@ -584,7 +586,8 @@ def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], see
     steps / shift: the sampler's (None: the bundle's defaults). denoises: like guidances, for the sampler's
     denoise (< 1 starts from the source latents noised to that point of the schedule instead of pure noise).
     edit_mask: every model row also gets a "ROW + edit mask" row, the same edit with the ground-truth edit
-    region given as the user's mask."""
+    region given as the user's mask. flowedit_skips: every model row also gets a "ROW + FlowEdit (skip K)"
+    row per value, the same edit sampled with FlowEdit (sama_core/flowedit.py) skipping the first K sigmas."""
     from sama_core.pipeline import SamaPipeline
     methods: dict[str, Method] = {}
     pipe = None
@@ -609,6 +612,9 @@ def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], see
                     methods[name] = pipeline_method(model, options)
                     if edit_mask:
                         methods[name + EDIT_MASK_SUFFIX] = pipeline_method(model, options, edit_mask=True)
+                    for skip in flowedit_skips:
+                        flow = dataclasses.replace(options, flowedit=True, flowedit_skip=skip)
+                        methods[f"{name}{FLOWEDIT_SUFFIX} (skip {skip})"] = pipeline_method(model, flow)
     elif extra_dits or extra_vaes:
         raise SamaInputError("--extra-dit / --extra-vae need --bundle (for the other components)")
     for baseline in baselines:
@@ -665,6 +671,13 @@ def parse_guidances(text: Optional[str]) -> tuple:
     return parse_values(text, "--guidance", lambda v: v >= 0, "numbers >= 0", "1.5,2,3")
 
 
+def parse_flowedit_skips(text: Optional[str]) -> tuple:
+    if text is None:
+        return ()
+    values = parse_values(text, "--flowedit", lambda v: v >= 0 and v == int(v), "whole numbers >= 0", "2,4")
+    return tuple(int(v) for v in values)
+
+
 def parse_denoises(text: Optional[str]) -> tuple:
     """--denoise "1,0.5,0.3" -> (1.0, 0.5, 0.3); None -> (None,) (the bundle's default, 1 unless it sets one)."""
     return parse_values(text, "--denoise", lambda v: 0 < v <= 1, "numbers in (0, 1]", "1,0.5,0.3")
@@ -700,6 +713,9 @@ def main(argv=None) -> int:
     parser.add_argument("--edit-mask", action="store_true",
                         help="also evaluate every model row with the edit region given as the user's mask (the "
                              "ground-truth edit mask grown by 2 px): rows 'NAME + edit mask'")
+    parser.add_argument("--flowedit", default=None, metavar="K[,K...]",
+                        help="also evaluate every model row sampled with FlowEdit, skipping the first K sigmas "
+                             "(2 is the sampler's default): rows 'NAME + FlowEdit (skip K)'")
     parser.add_argument("--train-data", default=None, help="training folder: check no held-out scene is in it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -718,7 +734,7 @@ def main(argv=None) -> int:
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     methods = bundle_methods(args.bundle, extra, args.steps, args.seed, args.name, baselines,
                              parse_guidances(args.guidance), extra_vaes, args.shift,
-                             parse_denoises(args.denoise), args.edit_mask)
+                             parse_denoises(args.denoise), args.edit_mask, parse_flowedit_skips(args.flowedit))
     out = Path(args.out) if args.out else Path(args.data).resolve().parent / "eval"
     report = evaluate(methods, rows, out, progress=True)
     print(markdown_tables(report.summaries))

@@ -1,0 +1,95 @@
+"""FlowEdit sampling: edit by moving the source latents along the difference between the edit's velocity and
+a reconstruction's, instead of generating the whole video again from noise.
+
+FlowEdit (Kulikov et al., "FlowEdit: Inversion-Free Text-Based Editing Using Pre-Trained Flow Models",
+arXiv 2412.08629) starts at the source latents x_src and, at every sigma of the schedule, draws fresh noise n:
+
+    z_src = (1 - sigma) x_src + sigma n          the source on its own flow path
+    z_tar = z + z_src - x_src                    the current edit, noised with the same n
+    z    <- z + (sigma_next - sigma) (v_edit(z_tar) - v_rec(z_src))
+
+Where the instruction does not apply, the two velocities agree and the video stays the source's, so the
+model's own reconstruction errors (blur, drift of the objects the edit should leave alone) cancel instead of
+being regenerated. Here v_edit is SAMA's guided edit (source in context, the instruction, CFG) and v_rec the
+same model with the negative prompt: the source in context with no instruction. The semantic stream (65
+SigLIP-space tokens) is sampled as in the released loop, from noise with the edit's semantic velocity; the
+reconstruction pass sees the same semantic tokens.
+
+Opt-in (`SamplerOptions.flowedit`); the default sampler stays the released one. Measured on SAMA-Shapes in
+docs/sama_shapes.md (session 16). Not in diffusers (only community pipelines for SD3 / FLUX, which cannot
+call an in-context video model), hence this loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+from .errors import SamaInputError, SamaInterrupted, SamaNumericalError
+
+FLOWEDIT_SKIP = 2  # sigmas skipped at the start (FlowEdit's n_max = steps - skip): the first, noisiest ones
+
+
+def check_flowedit_options(opts, source, target_shape, anchor_tokens) -> None:
+    """Refuse what FlowEdit cannot combine with, naming the fix."""
+    if source is None or tuple(source.shape) != tuple(target_shape):
+        raise SamaInputError("FlowEdit edits a source video: give a source of the target's shape (or turn "
+                             "flowedit off to generate)")
+    if not 0 <= opts.flowedit_skip < opts.steps:
+        raise SamaInputError(f"flowedit_skip must be in [0, steps), got {opts.flowedit_skip} for {opts.steps} "
+                             f"steps (default {FLOWEDIT_SKIP})")
+    clashes = {"solver": opts.solver != "euler", "denoise": opts.denoise < 1.0,
+               "anchors": anchor_tokens is not None and opts.anchor_strength > 0,
+               "step caching": opts.cache_threshold > 0, "temporal windows": bool(opts.window_latent_frames)}
+    used = [name for name, on in clashes.items() if on]
+    if used:
+        raise SamaInputError(f"FlowEdit works with the euler solver, denoise 1, no anchors, no step caching and "
+                             f"no temporal windows; turn off {', '.join(used)} or turn flowedit off "
+                             "(flowedit_skip plays the part of denoise)")
+
+
+def flowedit_loop(edit_velocity: Callable, reconstruction_velocity: Callable, source: torch.Tensor,
+                  sigmas: torch.Tensor, semantic_shape, opts, keep_region: Optional[Callable] = None,
+                  callback: Optional[Callable] = None, should_interrupt: Optional[Callable[[], bool]] = None):
+    """The FlowEdit integration (module docstring). edit_velocity / reconstruction_velocity: the sampler's
+    denoise closures (x, semantic, sigma) -> (v_video, v_semantic). source: (B, 16, F, H, W) normalised clean
+    latents. sigmas: (steps + 1,). keep_region(z) -> z puts the source back outside an edit region.
+    Returns (edited latents, semantic tokens or None, model passes per step)."""
+    from .sampler import StepInfo
+
+    generator = torch.Generator("cpu").manual_seed(int(opts.seed))
+
+    def draw(shape):  # one CPU generator: the same numbers on every device
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(source.device, source.dtype)
+
+    z = source.clone()
+    start = opts.flowedit_skip
+    # the semantic stream starts from noise at the first used sigma, as the released loop does at sigma 1
+    sem = draw(semantic_shape) * sigmas[start] if semantic_shape else None
+    for i in range(start, opts.steps):
+        if should_interrupt is not None and should_interrupt():
+            raise SamaInterrupted(f"sampling interrupted at step {i}/{opts.steps}; nothing was written")
+        sigma, step = sigmas[i], sigmas[i + 1] - sigmas[i]
+        noise = draw(source.shape)
+        z_source = (1 - sigma) * source + sigma * noise
+        v_edit, v_sem = edit_velocity(z + z_source - source, sem, sigma)
+        v_rec, _ = reconstruction_velocity(z_source, sem, sigma)
+        if not (torch.isfinite(v_edit).all() and torch.isfinite(v_rec).all()):
+            raise SamaNumericalError(
+                f"the model produced NaN/inf at step {i + 1}/{opts.steps} (sigma {float(sigma):.3f}): fp16 can "
+                "overflow in this model, use bf16 or fp32; otherwise the weights may be damaged")
+        z = z + step * (v_edit - v_rec)
+        if keep_region is not None:
+            z = keep_region(z)
+        if sem is not None:
+            sem = sem + step * v_sem
+        if callback is not None:  # z is a clean estimate at every step: it is also the preview
+            callback(StepInfo(i, opts.steps, float(sigma), z, z, sem))
+    return z, sem
+
+
+def reconstruction_options(opts):
+    """The reconstruction pass: one unguided call with the negative prompt (no CFG, no two-scale)."""
+    return dataclasses.replace(opts, guidance=1.0, source_guidance=None, text_guidance=None, batch_cfg=False)
