@@ -11,9 +11,13 @@ arXiv 2412.08629) starts at the source latents x_src and, at every sigma of the 
 Where the instruction does not apply, the two velocities agree and the video stays the source's, so the
 model's own reconstruction errors (blur, drift of the objects the edit should leave alone) cancel instead of
 being regenerated. Here v_edit is SAMA's guided edit (source in context, the instruction, CFG) and v_rec the
-same model with the negative prompt: the source in context with no instruction. The semantic stream (65
-SigLIP-space tokens) is sampled as in the released loop, from noise with the edit's semantic velocity; the
-reconstruction pass sees the same semantic tokens.
+same model with the negative prompt: the source in context with no instruction.
+
+The semantic stream (65 SigLIP-space tokens) moves with the video when the source's own tokens are given
+(`source_semantic`: the SigLIP tokens of the source's anchor frame, the semantic half of the source sample):
+the same rule in the joint space. Without them (no SigLIP encoder, e.g. in ComfyUI) it is sampled as in the
+released loop, from noise with the edit's semantic velocity, and the reconstruction pass sees the same
+tokens. On SAMA-Shapes the joint form kept the edit accuracy, the sampled one cost ~3 points (session 16).
 
 Opt-in (`SamplerOptions.flowedit`); the default sampler stays the released one. Measured on SAMA-Shapes in
 docs/sama_shapes.md (session 16). Not in diffusers (only community pipelines for SD3 / FLUX, which cannot
@@ -52,11 +56,14 @@ def check_flowedit_options(opts, source, target_shape, anchor_tokens) -> None:
 
 def flowedit_loop(edit_velocity: Callable, reconstruction_velocity: Callable, source: torch.Tensor,
                   sigmas: torch.Tensor, semantic_shape, opts, keep_region: Optional[Callable] = None,
-                  callback: Optional[Callable] = None, should_interrupt: Optional[Callable[[], bool]] = None):
+                  callback: Optional[Callable] = None, should_interrupt: Optional[Callable[[], bool]] = None,
+                  source_semantic: Optional[torch.Tensor] = None):
     """The FlowEdit integration (module docstring). edit_velocity / reconstruction_velocity: the sampler's
     denoise closures (x, semantic, sigma) -> (v_video, v_semantic). source: (B, 16, F, H, W) normalised clean
     latents. sigmas: (steps + 1,). keep_region(z) -> z puts the source back outside an edit region.
-    Returns (edited latents, semantic tokens or None, model passes per step)."""
+    source_semantic: (B, 65, width) clean SigLIP tokens of the source (joint form), or None (sampled stream).
+    Noise: one CPU generator; the sampled stream's start first, then per step the video, then (joint) the
+    semantic draw. Returns (edited latents, semantic tokens or None)."""
     from .sampler import StepInfo
 
     generator = torch.Generator("cpu").manual_seed(int(opts.seed))
@@ -66,16 +73,25 @@ def flowedit_loop(edit_velocity: Callable, reconstruction_velocity: Callable, so
 
     z = source.clone()
     start = opts.flowedit_skip
-    # the semantic stream starts from noise at the first used sigma, as the released loop does at sigma 1
-    sem = draw(semantic_shape) * sigmas[start] if semantic_shape else None
+    joint = source_semantic is not None and semantic_shape is not None
+    if joint:
+        sem = source_semantic.clone()
+    else:  # the sampled stream starts from noise at the first used sigma, as the released loop at sigma 1
+        sem = draw(semantic_shape) * sigmas[start] if semantic_shape else None
     for i in range(start, opts.steps):
         if should_interrupt is not None and should_interrupt():
             raise SamaInterrupted(f"sampling interrupted at step {i}/{opts.steps}; nothing was written")
         sigma, step = sigmas[i], sigmas[i + 1] - sigmas[i]
         noise = draw(source.shape)
         z_source = (1 - sigma) * source + sigma * noise
-        v_edit, v_sem = edit_velocity(z + z_source - source, sem, sigma)
-        v_rec, _ = reconstruction_velocity(z_source, sem, sigma)
+        if joint:
+            sem_source = (1 - sigma) * source_semantic + sigma * draw(source_semantic.shape)
+            v_edit, v_sem = edit_velocity(z + z_source - source, sem + sem_source - source_semantic, sigma)
+            v_rec, v_sem_rec = reconstruction_velocity(z_source, sem_source, sigma)
+            v_sem = v_sem - v_sem_rec
+        else:
+            v_edit, v_sem = edit_velocity(z + z_source - source, sem, sigma)
+            v_rec, _ = reconstruction_velocity(z_source, sem, sigma)
         if not (torch.isfinite(v_edit).all() and torch.isfinite(v_rec).all()):
             raise SamaNumericalError(
                 f"the model produced NaN/inf at step {i + 1}/{opts.steps} (sigma {float(sigma):.3f}): fp16 can "

@@ -245,10 +245,15 @@ class SamaPipeline:
         if mask is not None:
             padded_mask, _ = vio.pad_to_4k_plus_1(fit_mask(mask, plan))
             region = latent_region(padded_mask, source.shape).to(self.device, self.dtype)
+        source_semantic = None
+        if options.flowedit and self.anchor_encoder is not None and anchor is None:
+            # FlowEdit in the joint space: the source sample's semantic half is its anchor frame's SigLIP tokens
+            with torch.no_grad():
+                source_semantic = self.anchor_encoder.encode(padded).to(self.device, self.dtype)
         with torch.no_grad():
             result: SampleResult = sample(self.dit, cond, uncond, source=source, options=options,
                                           anchor_tokens=anchor, callback=callback, should_interrupt=should_interrupt,
-                                          region=region)
+                                          region=region, source_semantic=source_semantic)
         return result, count, plan
 
     def edit_file(self, video_path, instruction: str, out_path, settings: Optional[EditSettings] = None,

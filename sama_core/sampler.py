@@ -197,7 +197,8 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
            options: Optional[SamplerOptions] = None, anchor_tokens: Optional[torch.Tensor] = None,
            callback: Optional[Callable[[StepInfo], None]] = None,
            should_interrupt: Optional[Callable[[], bool]] = None,
-           denoiser_wrapper: Optional[Callable] = None, region: Optional[torch.Tensor] = None) -> SampleResult:
+           denoiser_wrapper: Optional[Callable] = None, region: Optional[torch.Tensor] = None,
+           source_semantic: Optional[torch.Tensor] = None) -> SampleResult:
     """Edit (or generate) latents.
 
     cond / uncond: (B, L, text_dim) text embeddings (L <= 512 rows; the DiT pads to 512).
@@ -213,6 +214,8 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
     region: (1 or B, 1, F, H, W) in [0, 1] on the latent grid (sama_core.region.latent_region): where the
         edit may change the video. After every step the latents outside it are put back on the source's
         flow path with the run's own noise, so they end exactly at the source latents.
+    source_semantic: (B, 65, siglip_dim) clean SigLIP tokens of the source's anchor frame; with
+        options.flowedit the semantic stream then follows FlowEdit's rule too (sama_core/flowedit.py).
     """
     opts = options or SamplerOptions()
     check_finite(source_latents=source, text_embedding=cond, negative_text_embedding=uncond,
@@ -236,7 +239,7 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
     check_region(region, target_shape, source)
     if opts.flowedit:
         return _flowedit(model, cond, uncond, source, target_shape, sigmas, sem_shape, opts, anchor_tokens,
-                         callback, should_interrupt, denoiser_wrapper, region)
+                         callback, should_interrupt, denoiser_wrapper, region, source_semantic)
     noise, sem_noise = initial_noise(target_shape, sem_shape, opts.seed, dtype)
     noise, sem_noise = noise.to(device), (sem_noise.to(device) if sem_noise is not None else None)
 
@@ -293,9 +296,12 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
 
 
 def _flowedit(model, cond, uncond, source, target_shape, sigmas, sem_shape, opts, anchor_tokens, callback,
-              should_interrupt, denoiser_wrapper, region) -> SampleResult:
+              should_interrupt, denoiser_wrapper, region, source_semantic) -> SampleResult:
     from .flowedit import check_flowedit_options, flowedit_loop, reconstruction_options
     check_flowedit_options(opts, source, target_shape, anchor_tokens)
+    if source_semantic is not None and sem_shape is not None and tuple(source_semantic.shape) != sem_shape:
+        raise SamaInputError(f"source semantic tokens {tuple(source_semantic.shape)} must be {sem_shape} (batch, "
+                             "65, SigLIP width): encode the source's first frame with the model's SigLIP")
     if uncond is None:
         raise SamaInputError("FlowEdit reconstructs the source with the negative prompt: pass one (uncond)")
     edit = make_denoiser(model, source, cond, uncond, opts)
@@ -303,6 +309,10 @@ def _flowedit(model, cond, uncond, source, target_shape, sigmas, sem_shape, opts
     if denoiser_wrapper is not None:
         edit, reconstruction = denoiser_wrapper(edit), denoiser_wrapper(reconstruction)
     keep = None if region is None else (lambda z: region.to(z) * z + (1 - region.to(z)) * source)
-    z, sem = flowedit_loop(edit, reconstruction, source, sigmas, sem_shape, opts, keep, callback, should_interrupt)
+    if source_semantic is not None:
+        check_finite(source_semantic_tokens=source_semantic)
+        source_semantic = source_semantic.to(source)
+    z, sem = flowedit_loop(edit, reconstruction, source, sigmas, sem_shape, opts, keep, callback, should_interrupt,
+                           source_semantic)
     used = opts.steps - opts.flowedit_skip
     return SampleResult(z, sem, {"model_calls": 2 * used, "skipped_steps": opts.flowedit_skip})

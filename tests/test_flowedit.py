@@ -14,6 +14,11 @@ from sama_core.scheduler import flow_sigmas
 from sama_core.video import read_video, write_video
 from tiny_models import TINY, tiny_dit, tiny_inputs
 
+
+def pipe_settings():
+    from sama_core.pipeline import EditSettings
+    return EditSettings()
+
 NUM_SEMANTIC = 65
 
 
@@ -24,30 +29,33 @@ def setup():
     return tiny_dit(seed=7), inp["source"], inp["context"], uncond
 
 
-def flowedit_by_hand(model, source, cond, uncond, steps, shift, guidance, skip, seed):
+def flowedit_by_hand(model, source, cond, uncond, steps, shift, guidance, skip, seed, source_semantic=None):
     """FlowEdit (Kulikov et al. 2024, Algorithm 1) in the velocity convention v = noise - x0, calling the DiT
     directly: z starts at the source; per sigma, fresh noise n, z_src = (1 - s) x_src + s n, z_tar = z + z_src -
-    x_src, z += (s_next - s) (guided v(z_tar) - v_negative(z_src)). The semantic stream: noise * sigma at the
-    first used step, stepped with the guided semantic velocity. Noise from one CPU generator: the semantic
-    start first, then one video draw per step."""
+    x_src, z += (s_next - s) (guided v(z_tar) - v_negative(z_src)). The semantic stream, without source tokens:
+    noise * sigma at the first used step, stepped with the guided semantic velocity (the reconstruction sees
+    the same tokens); with them, the same rule as the video in the joint space. Noise from one CPU generator:
+    the sampled stream's start first, then per step the video draw and (joint) the semantic draw."""
     sigmas = flow_sigmas(steps, shift)
     g = torch.Generator().manual_seed(seed)
-    sem = torch.randn(1, NUM_SEMANTIC, TINY.siglip_dim, generator=g) * sigmas[skip]
+    joint = source_semantic is not None
+    sem = source_semantic.clone() if joint else torch.randn(1, NUM_SEMANTIC, TINY.siglip_dim, generator=g) * sigmas[skip]
     z = source.clone()
 
-    def velocity(x, sigma, context):
-        out = model(x, (sigma * 1000).reshape(1), context, source=source, semantic_tokens=sem)
+    def velocity(x, semantic, sigma, context):
+        out = model(x, (sigma * 1000).reshape(1), context, source=source, semantic_tokens=semantic)
         return out.video, out.semantic
 
     for i in range(skip, steps):
         s, s_next = sigmas[i], sigmas[i + 1]
-        noise = torch.randn(source.shape, generator=g)
-        z_src = (1 - s) * source + s * noise
-        v_cond, sem_cond = velocity(z + z_src - source, s, cond)
-        v_uncond, sem_uncond = velocity(z + z_src - source, s, uncond)
-        v_rec, _ = velocity(z_src, s, uncond)
+        z_src = (1 - s) * source + s * torch.randn(source.shape, generator=g)
+        sem_src = (1 - s) * source_semantic + s * torch.randn(sem.shape, generator=g) if joint else sem
+        sem_tar = sem + sem_src - source_semantic if joint else sem
+        v_cond, sem_cond = velocity(z + z_src - source, sem_tar, s, cond)
+        v_uncond, sem_uncond = velocity(z + z_src - source, sem_tar, s, uncond)
+        v_rec, sem_rec = velocity(z_src, sem_src, s, uncond)
         z = z + (s_next - s) * (v_uncond + guidance * (v_cond - v_uncond) - v_rec)
-        sem = sem + (s_next - s) * (sem_uncond + guidance * (sem_cond - sem_uncond))
+        sem = sem + (s_next - s) * (sem_uncond + guidance * (sem_cond - sem_uncond) - (sem_rec if joint else 0))
     return z, sem
 
 
@@ -60,6 +68,22 @@ def test_flowedit_equals_the_papers_update_rule_computed_by_hand(setup):
     torch.testing.assert_close(result.semantic, sem, atol=1e-6, rtol=0)
     assert result.stats == {"model_calls": 8, "skipped_steps": 1}
     assert (result.latents - source).abs().max() > 1e-3  # it edited something
+
+
+def test_joint_flowedit_moves_the_semantic_stream_by_the_same_rule(setup):
+    model, source, cond, uncond = setup
+    source_semantic = torch.randn(1, NUM_SEMANTIC, TINY.siglip_dim, generator=torch.Generator().manual_seed(9))
+    opts = SamplerOptions(steps=4, guidance=2.0, shift=5.0, seed=6, flowedit=True, flowedit_skip=1)
+    result = sample(model, cond, uncond, source=source, options=opts, source_semantic=source_semantic)
+    z, sem = flowedit_by_hand(model, source, cond, uncond, 4, 5.0, 2.0, 1, 6, source_semantic=source_semantic)
+    torch.testing.assert_close(result.latents, z, atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.semantic, sem, atol=1e-6, rtol=0)
+    # text-blind: both halves of the source sample come back
+    blind = sample(model, uncond, uncond, source=source, options=opts, source_semantic=source_semantic)
+    torch.testing.assert_close(blind.latents, source, atol=1e-5, rtol=0)
+    torch.testing.assert_close(blind.semantic, source_semantic, atol=1e-5, rtol=0)
+    with pytest.raises(SamaInputError, match="source semantic tokens"):
+        sample(model, cond, uncond, source=source, options=opts, source_semantic=source_semantic[:, :5])
 
 
 def test_an_edit_that_ignores_the_text_leaves_the_source(setup):
@@ -109,13 +133,20 @@ def test_flowedit_refuses_what_it_cannot_combine_with(setup):
 
 
 def test_pipeline_and_cli_run_flowedit(bundle, pipe, tmp_path):
-    frames = torch.rand(5, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    frames = torch.rand(5, 64, 64, 3, generator=torch.Generator().manual_seed(0))  # the bundle's bucket: no resize
     options = pipe.sampler_options(steps=3, seed=0)
     plain, _ = pipe.edit_frames(frames, "make it red", options=options)
     flow, result = pipe.edit_frames(frames, "make it red", options=dataclasses.replace(options, flowedit=True,
                                                                                       flowedit_skip=1))
     assert flow.shape == frames.shape and result.stats["skipped_steps"] == 1
     assert (flow - plain).abs().max() > 1e-3
+    # the bundle has a SigLIP: the pipeline runs the joint form with the source frame's own tokens
+    from sama_core import video as vio
+    latents = pipe.vae.encode(vio.frames_to_vae_input(vio.pad_to_4k_plus_1(frames)[0]))
+    cond, uncond = pipe.encode_text("make it red", pipe_settings())
+    expected = sample(pipe.dit, cond, uncond, source=latents, options=dataclasses.replace(
+        options, flowedit=True, flowedit_skip=1), source_semantic=pipe.anchor_encoder.encode(frames))
+    torch.testing.assert_close(result.latents, expected.latents, atol=1e-5, rtol=0)
     video = tmp_path / "in.mp4"
     write_video(video, frames, 8)
     out = tmp_path / "out.mp4"
