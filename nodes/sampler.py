@@ -141,6 +141,10 @@ class SamaSampler(io.ComfyNode):
                 io.Int.Input("flowedit_skip", default=2, min=0, max=1000, optional=True,
                              tooltip="FlowEdit: the first, noisiest steps skipped; more keeps more of the source "
                                      "(and edits less)."),
+                Anchors.Input("flowedit_source_anchors", optional=True,
+                              tooltip="FlowEdit: SAMA Anchor Encode of the SOURCE video (its first frame). The "
+                                      "semantic tokens then follow FlowEdit too, as in the headless pipeline; "
+                                      "without them they are sampled from noise."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Where the edit may change the video (1 = white): one mask for every frame "
                                       "or one per frame (of the clip before or after SAMA Frames To 4k+1; another "
@@ -156,7 +160,8 @@ class SamaSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, seed, steps, cfg, shift, denoise, source_images=None, vae=None,
                 source_latent=None, source_scale=0.0, text_scale=0.0, anchors=None, anchor_strength=0.5,
                 window_frames=0, window_overlap_frames=16, batch_cfg=False, solver="euler",
-                cache_threshold=0.0, flowedit=False, flowedit_skip=2, mask=None) -> io.NodeOutput:
+                cache_threshold=0.0, flowedit=False, flowedit_skip=2, flowedit_source_anchors=None,
+                mask=None) -> io.NodeOutput:
         dit = sama_diffusion_model(model)
         raw_source = encode_source(source_images, vae, source_latent)
         two_scale = (source_scale or 0) > 0 or (text_scale or 0) > 0
@@ -178,6 +183,9 @@ class SamaSampler(io.ComfyNode):
         if anchor_tokens is not None:
             anchor_tokens = anchor_tokens.to(device, dtype)
         region = None if mask is None else _edit_region(mask, raw_source.shape).to(device, dtype)
+        source_semantic = None
+        if flowedit and flowedit_source_anchors is not None:
+            source_semantic = _anchor_tokens(flowedit_source_anchors, source.shape[0]).to(device, dtype)
 
         previewer = latent_preview.get_previewer(device, base.latent_format)
         pbar = comfy.utils.ProgressBar(steps)
@@ -193,7 +201,7 @@ class SamaSampler(io.ComfyNode):
         with torch.inference_mode():
             result = sample(DirectSama(dit), cond, uncond, source=source, options=opts,
                             anchor_tokens=anchor_tokens, callback=on_step, should_interrupt=interrupted,
-                            region=region)
+                            region=region, source_semantic=source_semantic)
         samples = base.process_latent_out(result.latents.float()).cpu()
         return io.NodeOutput({"samples": samples})
 

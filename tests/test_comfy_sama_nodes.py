@@ -347,6 +347,18 @@ def test_flowedit_on_the_sampler_node_edits_from_the_source(tiny):
     assert regenerated.abs().max() > 1e-2
     edited = _saved_latent(tiny.run(prompt("sama_flow_edit", True), timeout=120))
     assert edited.shape == blind.shape and edited.abs().max() > 1e-3
+
+    def with_source_anchors(p):  # SAMA Anchor Encode of a frame, as the source's own semantic tokens
+        p["6"] = {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0x202020}}
+        p["7"] = {"class_type": "SamaAnchorEncodeFile",
+                  "inputs": {"siglip": SIGLIP, "num_heads": SIGLIP_HEADS, "images": ["6", 0], "num_anchors": 1}}
+        p["4"]["inputs"]["flowedit_source_anchors"] = ["7", 0]
+        return p
+    joint_blind = _saved_latent(tiny.run(with_source_anchors(prompt("sama_flow_joint_blind", True, negative=("3", 0))),
+                                         timeout=120))
+    torch.testing.assert_close(joint_blind, torch.zeros_like(joint_blind), atol=1e-5, rtol=0)
+    joint = _saved_latent(tiny.run(with_source_anchors(prompt("sama_flow_joint", True)), timeout=120))
+    assert (joint - edited).abs().max() > 1e-4  # the semantic stream now follows FlowEdit: another edit
     with pytest.raises(PromptFailed) as failed:
         tiny.run(prompt("sama_flow_unipc", True, solver="unipc"), timeout=120)
     error = failed.value.result.error
