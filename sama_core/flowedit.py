@@ -44,14 +44,19 @@ def check_flowedit_options(opts, source, target_shape, anchor_tokens) -> None:
     if not 0 <= opts.flowedit_skip < opts.steps:
         raise SamaInputError(f"flowedit_skip must be in [0, steps), got {opts.flowedit_skip} for {opts.steps} "
                              f"steps (default {FLOWEDIT_SKIP})")
+    if opts.window_latent_frames and target_shape[2] > opts.window_latent_frames:
+        frames = 4 * (opts.window_latent_frames - 1) + 1
+        raise SamaInputError(f"FlowEdit edits the whole clip at once, without temporal windows: this one needs "
+                             f"them (over {frames} frames); edit at most {frames} frames at a time (--frames / "
+                             "--max-frames, or trim the clip) or turn flowedit off")
     clashes = {"solver": opts.solver != "euler", "denoise": opts.denoise < 1.0,
                "anchors": anchor_tokens is not None and opts.anchor_strength > 0,
-               "step caching": opts.cache_threshold > 0, "temporal windows": bool(opts.window_latent_frames)}
+               "step caching": opts.cache_threshold > 0}
     used = [name for name, on in clashes.items() if on]
     if used:
-        raise SamaInputError(f"FlowEdit works with the euler solver, denoise 1, no anchors, no step caching and "
-                             f"no temporal windows; turn off {', '.join(used)} or turn flowedit off "
-                             "(flowedit_skip plays the part of denoise)")
+        raise SamaInputError(f"FlowEdit works with the euler solver, denoise 1, no anchors and no step caching; "
+                             f"turn off {', '.join(used)} or turn flowedit off (flowedit_skip plays the part of "
+                             "denoise)")
 
 
 def flowedit_loop(edit_velocity: Callable, reconstruction_velocity: Callable, source: torch.Tensor,

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .errors import SamaInputError, SamaInterrupted, SamaNumericalError
+from .flowedit import FLOWEDIT_SKIP
 from .model import TEXT_LEN, fit_text_rows
 from .region import check_region, keep_outside
 from .scheduler import add_noise, flow_sigmas, make_solver, predicted_clean, timesteps_of
@@ -56,7 +57,7 @@ class SamplerOptions:
     # FlowEdit (opt-in, sama_core/flowedit.py): start from the source and integrate only the difference
     # between the edit's velocity and the negative prompt's reconstruction; skip the first sigmas.
     flowedit: bool = False
-    flowedit_skip: int = 2
+    flowedit_skip: int = FLOWEDIT_SKIP
 
     @classmethod
     def fast(cls, **overrides) -> "SamplerOptions":

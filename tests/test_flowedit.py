@@ -117,10 +117,13 @@ def test_flowedit_refuses_what_it_cannot_combine_with(setup):
     base = SamplerOptions(steps=4, guidance=2.0, flowedit=True)
     for change, message in (({"solver": "unipc"}, "turn off solver"), ({"denoise": 0.5}, "turn off denoise"),
                             ({"cache_threshold": 0.1}, "turn off step caching"),
-                            ({"window_latent_frames": 1}, "turn off temporal windows"),
+                            ({"window_latent_frames": 1}, "edit at most 1 frames at a time"),
                             ({"flowedit_skip": 4}, r"flowedit_skip must be in \[0, steps\)")):
         with pytest.raises(SamaInputError, match=message):
             sample(model, cond, uncond, source=source, options=dataclasses.replace(base, **change))
+    # a window longer than the clip is never used, so it is no clash (the pipeline sets one for long clips)
+    unused_window = dataclasses.replace(base, window_latent_frames=2)
+    assert sample(model, cond, uncond, source=source, options=unused_window).latents.shape == source.shape
     with pytest.raises(SamaInputError, match="turn off anchors"):
         sample(model, cond, uncond, source=source, options=dataclasses.replace(base, anchor_strength=0.5),
                anchor_tokens=torch.zeros(1, NUM_SEMANTIC, TINY.siglip_dim))
