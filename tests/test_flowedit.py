@@ -39,7 +39,10 @@ def flowedit_by_hand(model, source, cond, uncond, steps, shift, guidance, skip, 
     sigmas = flow_sigmas(steps, shift)
     g = torch.Generator().manual_seed(seed)
     joint = source_semantic is not None
-    sem = source_semantic.clone() if joint else torch.randn(1, NUM_SEMANTIC, TINY.siglip_dim, generator=g) * sigmas[skip]
+    if joint:
+        sem = source_semantic.clone()
+    else:
+        sem = torch.randn(1, NUM_SEMANTIC, TINY.siglip_dim, generator=g) * sigmas[skip]
     z = source.clone()
 
     def velocity(x, semantic, sigma, context):
