@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import SamaInputError, SamaInterrupted, SamaNumericalError
+from .errors import SamaInputError, SamaInterrupted
 
 FLOWEDIT_SKIP = 2  # sigmas skipped at the start (FlowEdit's n_max = steps - skip): the first, noisiest ones
 
@@ -69,7 +69,7 @@ def flowedit_loop(edit_velocity: Callable, reconstruction_velocity: Callable, so
     source_semantic: (B, 65, width) clean SigLIP tokens of the source (joint form), or None (sampled stream).
     Noise: one CPU generator; the sampled stream's start first, then per step the video, then (joint) the
     semantic draw. Returns (edited latents, semantic tokens or None)."""
-    from .sampler import StepInfo
+    from .sampler import StepInfo, check_velocity  # sampler imports this module
 
     generator = torch.Generator("cpu").manual_seed(int(opts.seed))
 
@@ -97,10 +97,8 @@ def flowedit_loop(edit_velocity: Callable, reconstruction_velocity: Callable, so
         else:
             v_edit, v_sem = edit_velocity(z + z_source - source, sem, sigma)
             v_rec, _ = reconstruction_velocity(z_source, sem, sigma)
-        if not (torch.isfinite(v_edit).all() and torch.isfinite(v_rec).all()):
-            raise SamaNumericalError(
-                f"the model produced NaN/inf at step {i + 1}/{opts.steps} (sigma {float(sigma):.3f}): fp16 can "
-                "overflow in this model, use bf16 or fp32; otherwise the weights may be damaged")
+        check_velocity(v_edit, i, opts.steps, sigma)
+        check_velocity(v_rec, i, opts.steps, sigma)
         z = z + step * (v_edit - v_rec)
         if keep_region is not None:
             z = keep_region(z)

@@ -162,6 +162,14 @@ def make_denoiser(model, source, cond, uncond, opts: SamplerOptions):
     return denoise
 
 
+def check_velocity(v: torch.Tensor, step: int, steps: int, sigma) -> None:
+    """A NaN/inf velocity at step `step` (0-based) is an error that says what to do, not a black video."""
+    if not torch.isfinite(v).all():
+        raise SamaNumericalError(
+            f"the model produced NaN/inf at step {step + 1}/{steps} (sigma {float(sigma):.3f}): fp16 can "
+            "overflow in this model, use bf16 or fp32; otherwise the weights may be damaged")
+
+
 def anchor_velocity(sem: torch.Tensor, anchor: torch.Tensor, sigma) -> torch.Tensor:
     """The velocity that keeps the semantic stream on the anchor's flow path: with it the model's
     clean estimate is the anchor, and an Euler step from (1-s) a + s e lands on (1-s') a + s' e.
@@ -268,6 +276,8 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
         denoise = cache.wrap(denoise)
     video_solver = make_solver(opts.solver, sigmas)
     semantic_solver = make_solver(opts.solver, sigmas) if sem is not None else None
+    if region is not None:
+        region = region.to(x)
 
     for i in range(opts.steps):
         if should_interrupt is not None and should_interrupt():
@@ -279,15 +289,12 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
         v, v_sem = denoise(x, sem, sigma)
         if injecting:
             v_sem = anchor_velocity(sem, anchor_tokens.to(sem), sigma)
-        if not torch.isfinite(v).all():
-            raise SamaNumericalError(
-                f"the model produced NaN/inf at step {i + 1}/{opts.steps} (sigma {float(sigma):.3f}): fp16 can "
-                "overflow in this model, use bf16 or fp32; otherwise the weights may be damaged")
+        check_velocity(v, i, opts.steps, sigma)
         denoised = predicted_clean(x, v, sigma)
         x = video_solver.step(x, v, i)
-        if region is not None:
-            x = keep_outside(x, source, noise, sigmas[i + 1] if i + 1 < opts.steps else 0.0, region.to(x))
-            denoised = keep_outside(denoised, source, noise, 0.0, region.to(x))  # previews show what will be kept
+        if region is not None:  # sigmas end at exactly 0: after the last step the outside is the source
+            x = keep_outside(x, source, noise, sigmas[i + 1], region)
+            denoised = keep_outside(denoised, source, noise, 0.0, region)  # previews show what will be kept
         if sem is not None:
             sem = semantic_solver.step(sem, v_sem, i)
         if callback is not None:
