@@ -483,14 +483,16 @@ def test_eval_guidance_sweep_gives_a_row_per_value_and_the_default_is_the_bundle
     assert ev.main([*common, "--guidance", "2,fast"]) == 2
 
 
-def test_eval_denoise_sweep_reaches_the_sampler_and_crosses_with_guidance(heldout, tmp_path, capsys, monkeypatch):
+def _eval_recording_options(heldout, tmp_path, monkeypatch, defaults, record):
+    """train.eval on one colour edit with a tiny random bundle of these defaults and the copy baseline; every
+    model row's sampler options pass through record(options) into `seen`. Returns (seen, the common argv,
+    rows(out, *extra) -> {method: its per-edit result})."""
     from sama_core.bundle import write_tiny_random_bundle
-    bundle = write_tiny_random_bundle(tmp_path / "bundle", defaults={"steps": 2, "guidance": 3.0})
-    seen = []  # (guidance, denoise) of every model row's sampler options
+    bundle = write_tiny_random_bundle(tmp_path / "bundle", defaults=defaults)
+    seen = []
     real_method = ev.pipeline_method
     monkeypatch.setattr(ev, "pipeline_method",
-                        lambda model, options: seen.append((options.guidance, options.denoise)) or
-                        real_method(model, options))
+                        lambda model, options: seen.append(record(options)) or real_method(model, options))
     common = ["--bundle", str(bundle), "--data", str(heldout), "--limit", "1", "--kinds", "color",
               "--baselines", "copy"]
 
@@ -498,6 +500,12 @@ def test_eval_denoise_sweep_reaches_the_sampler_and_crosses_with_guidance(heldou
         assert ev.main([*common, "--out", str(tmp_path / out), *extra]) == 0
         lines = (tmp_path / out / "per_edit.jsonl").read_text().splitlines()
         return {r["method"]: r for r in map(json.loads, lines)}
+    return seen, common, rows
+
+
+def test_eval_denoise_sweep_reaches_the_sampler_and_crosses_with_guidance(heldout, tmp_path, capsys, monkeypatch):
+    seen, common, rows = _eval_recording_options(heldout, tmp_path, monkeypatch, {"steps": 2, "guidance": 3.0},
+                                                 lambda options: (options.guidance, options.denoise))
     sweep = rows("sweep", "--denoise", "1,0.05")
     assert set(sweep) == {"SAMA-Shapes (denoise 1)", "SAMA-Shapes (denoise 0.05)", "copy (output = source)"}
     default = rows("default")["SAMA-Shapes"]
@@ -520,21 +528,13 @@ def test_eval_denoise_sweep_reaches_the_sampler_and_crosses_with_guidance(heldou
 
 
 def test_eval_flowedit_rows_sample_with_flowedit(heldout, tmp_path, capsys, monkeypatch):
-    from sama_core.bundle import write_tiny_random_bundle
-    bundle = write_tiny_random_bundle(tmp_path / "bundle", defaults={"steps": 3, "guidance": 2.0})
-    seen = []  # (flowedit, flowedit_skip) of every model row's sampler options
-    real_method = ev.pipeline_method
-    monkeypatch.setattr(ev, "pipeline_method",
-                        lambda model, options: seen.append((options.flowedit, options.flowedit_skip)) or
-                        real_method(model, options))
-    common = ["--bundle", str(bundle), "--data", str(heldout), "--limit", "1", "--kinds", "color",
-              "--baselines", "copy"]
-    assert ev.main([*common, "--out", str(tmp_path / "flow"), "--flowedit", "0,1"]) == 0
-    rows = {r["method"]: r for r in map(json.loads, (tmp_path / "flow" / "per_edit.jsonl").read_text().splitlines())}
-    assert set(rows) == {"SAMA-Shapes", "SAMA-Shapes + FlowEdit (skip 0)", "SAMA-Shapes + FlowEdit (skip 1)",
+    seen, common, rows = _eval_recording_options(heldout, tmp_path, monkeypatch, {"steps": 3, "guidance": 2.0},
+                                                 lambda options: (options.flowedit, options.flowedit_skip))
+    flow = rows("flow", "--flowedit", "0,1")
+    assert set(flow) == {"SAMA-Shapes", "SAMA-Shapes + FlowEdit (skip 0)", "SAMA-Shapes + FlowEdit (skip 1)",
                          "copy (output = source)"}
     assert seen == [(False, 2), (True, 0), (True, 1)]
-    assert len({rows[m]["psnr"] for m in rows if m.startswith("SAMA")}) == 3  # three different edits
+    assert len({flow[m]["psnr"] for m in flow if m.startswith("SAMA")}) == 3  # three different edits
     assert ev.parse_flowedit_skips("2,4") == (2, 4) and ev.parse_flowedit_skips(None) == ()
     assert ev.main([*common, "--flowedit", "1.5"]) == 2
     assert "--flowedit takes whole numbers >= 0" in capsys.readouterr().err
