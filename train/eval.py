@@ -566,7 +566,7 @@ def evaluate(methods: dict[str, Method], rows: list[dict], out_dir=None, example
 
 
 def row_name(name: str, guidance: Optional[float], sweep: bool,
-                 denoise: Optional[float] = None, denoise_sweep: bool = False) -> str:
+             denoise: Optional[float] = None, denoise_sweep: bool = False) -> str:
     """The row name: "NAME", "NAME (guidance G)", "NAME (denoise D)" or "NAME (guidance G, denoise D)"
     (a value is named only when that setting is swept)."""
     parts = ([f"guidance {guidance:g}"] if sweep else []) + ([f"denoise {denoise:g}"] if denoise_sweep else [])

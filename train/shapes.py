@@ -415,11 +415,9 @@ DEMO_REGION_CHANGE = 0.1  # max RGB difference that counts as changed (the mp4s'
 def demo_region(source, target, grow: int = DEMO_REGION_GROW):
     """(F, H, W, 3) source and target clips in [0, 1] -> (H, W) bool: every pixel the edit changes in any frame,
     grown by `grow` px. One image for the whole clip, what a user paints over an object's path."""
-    import cv2
-    import numpy as np
+    from .eval import dilate
     changed = (source - target).abs().amax(-1).amax(0) > DEMO_REGION_CHANGE  # (H, W)
-    kernel = np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)
-    return cv2.dilate(changed.numpy().astype(np.uint8), kernel) > 0
+    return dilate(changed.numpy()[None], grow)[0]
 
 
 def write_demo_region(bundle: Path) -> Path:
