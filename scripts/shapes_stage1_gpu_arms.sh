@@ -4,17 +4,21 @@
 # The tiny DiT leaves an H100 partly idle (43-97% utilisation with two runs), so two runs share it well:
 # ~250 samples/s each (session 13), against ~336 for one run alone (session 5).
 #
-#   OUT=FOLDER bash scripts/shapes_stage1_gpu_arms.sh BASE_RUN END_S NAME:CLIPS [NAME:CLIPS ...]
+#   OUT=FOLDER bash scripts/shapes_stage1_gpu_arms.sh BASE_RUN END_S NAME:CLIPS[:LAYERS] [...]
 #
 # BASE_RUN holds what scripts/shapes_stage1_gpu.sh needs (vae/final, encoders, init/sama_dit.safetensors).
 # Each arm NAME gets a copy of it in WORK/NAME (WORK defaults to /tmp), CLIPS training clips (train split,
-# seed 0: a smaller arm's clips are the first ones of a larger arm's), and a clock that ends its training
-# END_S seconds after this script started (minus a minute for loading). It writes OUT/NAME.log and, in fp16
-# with the DiT's config (ready for a bundle's dit.safetensors):
+# seed 0: a smaller arm's clips are the first ones of a larger arm's; generated once per count, before the
+# arms start, and shared), and a clock that ends its training END_S seconds after this script started
+# (minus a minute for loading). With LAYERS the arm starts from the DiT deepened to that many blocks by
+# `python -m train.grow` (the same function, more capacity). It writes OUT/NAME.log and, in fp16 with the
+# DiT's config (ready for a bundle's dit.safetensors):
 #   OUT/NAME_ema.safetensors   the EMA weights (the stage's export)
 #   OUT/NAME_raw.safetensors   the raw weights of the last checkpoint
 # Settings: the environment of scripts/shapes_stage1_gpu.sh (BATCH, LR, EMA, EXTRA, ...) applies to every
-# arm; WORKERS (8) data-loading processes per arm; GEN_WORKERS (8) clip-generation processes per arm.
+# arm; WORKERS (8) data-loading processes per arm; GEN_WORKERS (8) clip-generation processes (not more:
+# on the H100 machine 2000 clips took 162 s with nproc of them in session 17, 41 s with 8 in session 13);
+# RAW=0 skips the NAME_raw files (the device tool brings back at most 8 files, 64 MiB).
 set -uo pipefail
 PY=${PYTHON:-python3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,17 +32,29 @@ RUN=$BASE CHECK_ONLY=1 bash "$ROOT/scripts/shapes_stage1_gpu.sh" || exit 2  # ev
 mkdir -p "$OUT" "$WORK"
 T0=$(date +%s)
 
-arm() {  # NAME CLIPS
-  local name=$1 clips=$2 run="$WORK/$1" log="$OUT/$1.log" mins
-  rm -rf "$run"; cp -r "$BASE" "$run"
-  "$PY" -m train.synthetic --out "$run/data/train" --clips "$clips" --seed 0 --split train --format npz \
-    --workers "${GEN_WORKERS:-8}" --overwrite > "$log" 2>&1 || { echo "$name: clip generation failed" >> "$log"; return 1; }
+for spec in "$@"; do  # the clips, once per count, before any arm starts
+  IFS=: read -r name clips layers <<< "$spec"
+  [ -f "$WORK/clips_$clips/dataset.json" ] && continue
+  "$PY" -m train.synthetic --out "$WORK/clips_$clips" --clips "$clips" --seed 0 --split train --format npz \
+    --workers "${GEN_WORKERS:-8}" --overwrite > "$OUT/clips_$clips.log" 2>&1 \
+    || { echo "clip generation failed: $OUT/clips_$clips.log" >&2; exit 1; }
+  echo "$clips clips in $(( $(date +%s) - T0 )) s"
+done
+
+arm() {  # NAME CLIPS [LAYERS]
+  local name=$1 clips=$2 layers=${3:-} run="$WORK/$1" log="$OUT/$1.log" mins
+  rm -rf "$run"; cp -r "$BASE" "$run"; mkdir -p "$run/data"; ln -s "$WORK/clips_$clips" "$run/data/train"
+  if [ -n "$layers" ]; then
+    mv "$run/init/sama_dit.safetensors" "$run/init/trained.safetensors"
+    "$PY" -m train.grow --dit "$run/init/trained.safetensors" --layers "$layers" \
+      --out "$run/init/sama_dit.safetensors" > "$log" 2>&1 || { echo "$name: train.grow failed" >> "$log"; return 1; }
+  fi
   mins=$("$PY" -c "import sys, time; print(round(max(0.2, (float(sys.argv[1]) - time.time() - 60) / 60), 2))" \
     $(( T0 + END_S )))
-  echo "$name: $clips clips in $(( $(date +%s) - T0 )) s; training for $mins min" >> "$log"
+  echo "$name: $clips clips${layers:+, $layers blocks}; training for $mins min from $(( $(date +%s) - T0 )) s" >> "$log"
   RUN=$run CLIPS=$clips WORKERS=${WORKERS:-8} MINUTES=$mins bash "$ROOT/scripts/shapes_stage1_gpu.sh" >> "$log" 2>&1 \
     || { echo "$name: training failed" >> "$log"; return 1; }
-  "$PY" - "$run/stage1" "$OUT/$name" >> "$log" 2>&1 <<'EOF'
+  "$PY" - "$run/stage1" "$OUT/$name" "${RAW:-1}" >> "$log" 2>&1 <<'EOF'
 import sys
 from pathlib import Path
 
@@ -51,6 +67,8 @@ from train.checkpoint import list_checkpoints
 stage, prefix = Path(sys.argv[1]), sys.argv[2]
 dit = load_dit(stage / "final" / "sama_dit.safetensors", dtype=torch.float32)  # the export: EMA + config
 save_dit(dit.to(torch.float16), f"{prefix}_ema.safetensors")
+if sys.argv[3] == "0":  # RAW=0
+    sys.exit(print(f"wrote {prefix}_ema.safetensors (fp16)"))
 step, last = list_checkpoints(stage)[-1]
 dit.float().load_state_dict(load_file(str(last / "model.safetensors")))
 save_dit(dit.to(torch.float16), f"{prefix}_raw.safetensors")
@@ -61,7 +79,8 @@ EOF
 
 pids=()
 for spec in "$@"; do
-  arm "${spec%%:*}" "${spec#*:}" &
+  IFS=: read -r name clips layers <<< "$spec"
+  arm "$name" "$clips" "$layers" &
   pids+=($!)
 done
 status=0

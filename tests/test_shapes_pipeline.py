@@ -1074,7 +1074,8 @@ def test_stage1_gpu_script_continues_a_dit_from_fresh_clips_on_the_clock(tiny_ru
 
 @pytest.mark.slow
 def test_stage1_gpu_arms_script_trains_runs_side_by_side_and_writes_bundle_ready_dits(tiny_run, tmp_path):
-    """scripts/shapes_stage1_gpu_arms.sh (session 13's H100 lease) at toy size on CPU: two arms, one deadline."""
+    """scripts/shapes_stage1_gpu_arms.sh (session 13's H100 lease) at toy size on CPU: two arms, one deadline,
+    the second from the DiT deepened by one block (train.grow)."""
     import subprocess
 
     from sama_core.loading import load_dit
@@ -1085,18 +1086,24 @@ def test_stage1_gpu_arms_script_trains_runs_side_by_side_and_writes_bundle_ready
     env = dict(os.environ, OUT=str(out), WORK=str(work), BATCH="2", WORKERS="1", GEN_WORKERS="1", LR="1e-3",
                EMA="0.9", EXTRA="train.keep_region_weight=25 optim.warmup_steps=0", PYTHON=sys.executable)
     script = os.path.join(REPO, "scripts", "shapes_stage1_gpu_arms.sh")
-    done = subprocess.run(["bash", script, str(base), "1", "small:2", "large:3"], env=env, capture_output=True,
-                          text=True, timeout=900)
+    trained = load_dit(init, dtype=torch.float32)
+    layers = trained.config.num_layers + 1
+    done = subprocess.run(["bash", script, str(base), "1", "small:2", f"large:3:{layers}"], env=env,
+                          capture_output=True, text=True, timeout=900)
     logs = {name: (out / f"{name}.log").read_text() for name in ("small", "large")}
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + str(logs)
-    start = {k: v.half() for k, v in load_dit(init, dtype=torch.float32).state_dict().items()}  # as stored
-    for name, clips in (("small", 2), ("large", 3)):
+    assert done.stdout.count(" clips in ") == 2  # each count generated once, before the arms
+    start = {k: v.half() for k, v in trained.state_dict().items()}  # as stored
+    for name, clips, blocks in (("small", 2, layers - 1), ("large", 3, layers)):
         assert f"{name}: {clips} clips" in logs[name] and "train.max_minutes (0.2) spent" in logs[name]
-        ema = load_dit(out / f"{name}_ema.safetensors").state_dict()  # the config travels in the file
-        raw = load_dit(out / f"{name}_raw.safetensors").state_dict()
-        assert set(raw) == set(start) and raw["patch_embedding.weight"].dtype == torch.float16
+        ema_dit = load_dit(out / f"{name}_ema.safetensors")  # the config travels in the file
+        assert ema_dit.config.num_layers == blocks
+        ema, raw = ema_dit.state_dict(), load_dit(out / f"{name}_raw.safetensors").state_dict()
+        assert set(raw) == set(ema) and raw["patch_embedding.weight"].dtype == torch.float16
+        assert (set(raw) == set(start)) == (name == "small")
         assert any((raw[k] != start[k]).any() for k in start)  # trained (the steps a slow machine allows)
         assert any((ema[k] != raw[k]).any() for k in start)  # the EMA is not the raw
+    assert f"{layers} blocks" in logs["large"] and "grew" in logs["large"]
     # the smaller arm's clips are the first ones of the larger arm's (the same seed and split)
     small = (work / "small" / "data" / "train" / "video_edits.jsonl").read_text().splitlines()
     large = (work / "large" / "data" / "train" / "video_edits.jsonl").read_text().splitlines()
