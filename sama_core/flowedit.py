@@ -19,44 +19,71 @@ the same rule in the joint space. Without them (no SigLIP encoder, e.g. in Comfy
 released loop, from noise with the edit's semantic velocity, and the reconstruction pass sees the same
 tokens. On SAMA-Shapes the joint form kept the edit accuracy, the sampled one cost ~3 points (session 16).
 
-Opt-in (`SamplerOptions.flowedit`); the default sampler stays the released one. Measured on SAMA-Shapes in
-docs/sama_shapes.md (session 16). Not in diffusers (only community pipelines for SD3 / FLUX, which cannot
+`SamplerOptions.flowedit`: False (the released sampler, the default), True (FlowEdit; what it cannot combine
+with is refused) or "auto" (FlowEdit where it combines with the other options, else the released sampler,
+with a log line: what a bundle's defaults ask for, so that a user's --denoise or --fast still works).
+SAMA-Shapes defaults to "auto" since session 17; measured in docs/sama_shapes.md (sessions 16-17). Not in diffusers (only community pipelines for SD3 / FLUX, which cannot
 call an in-context video model), hence this loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable, Optional
 
 import torch
 
 from .errors import SamaInputError, SamaInterrupted
 
+log = logging.getLogger(__name__)
+
 FLOWEDIT_SKIP = 2  # sigmas skipped at the start (FlowEdit's n_max = steps - skip): the first, noisiest ones
+
+
+AUTO = "auto"  # SamplerOptions.flowedit: FlowEdit where it combines with the other options
+
+
+def flowedit_clashes(opts, source, target_shape, anchor_tokens) -> dict[str, str]:
+    """What keeps FlowEdit from running with these options: {name: the fix}, empty when nothing does."""
+    clashes = {}
+    if source is None or tuple(source.shape) != tuple(target_shape):
+        clashes["no source"] = ("FlowEdit edits a source video: give a source of the target's shape (or turn "
+                                "flowedit off to generate)")
+    if opts.window_latent_frames and target_shape[2] > opts.window_latent_frames:
+        frames = 4 * (opts.window_latent_frames - 1) + 1
+        clashes["temporal windows"] = (
+            f"FlowEdit edits the whole clip at once, without temporal windows: this one needs them (over {frames} "
+            f"frames); edit at most {frames} frames at a time (--frames / --max-frames, or trim the clip) or turn "
+            "flowedit off")
+    used = [name for name, on in {"solver": opts.solver != "euler", "denoise": opts.denoise < 1.0,
+                                  "anchors": anchor_tokens is not None and opts.anchor_strength > 0,
+                                  "step caching": opts.cache_threshold > 0}.items() if on]
+    for name in used:
+        clashes[name] = (f"FlowEdit works with the euler solver, denoise 1, no anchors and no step caching; turn "
+                         f"off {', '.join(used)} or turn flowedit off (flowedit_skip plays the part of denoise)")
+    return clashes
 
 
 def check_flowedit_options(opts, source, target_shape, anchor_tokens) -> None:
     """Refuse what FlowEdit cannot combine with, naming the fix."""
-    if source is None or tuple(source.shape) != tuple(target_shape):
-        raise SamaInputError("FlowEdit edits a source video: give a source of the target's shape (or turn "
-                             "flowedit off to generate)")
+    clashes = flowedit_clashes(opts, source, target_shape, anchor_tokens)
+    if clashes:
+        raise SamaInputError(next(iter(clashes.values())))
     if not 0 <= opts.flowedit_skip < opts.steps:
         raise SamaInputError(f"flowedit_skip must be in [0, steps), got {opts.flowedit_skip} for {opts.steps} "
                              f"steps (default {FLOWEDIT_SKIP})")
-    if opts.window_latent_frames and target_shape[2] > opts.window_latent_frames:
-        frames = 4 * (opts.window_latent_frames - 1) + 1
-        raise SamaInputError(f"FlowEdit edits the whole clip at once, without temporal windows: this one needs "
-                             f"them (over {frames} frames); edit at most {frames} frames at a time (--frames / "
-                             "--max-frames, or trim the clip) or turn flowedit off")
-    clashes = {"solver": opts.solver != "euler", "denoise": opts.denoise < 1.0,
-               "anchors": anchor_tokens is not None and opts.anchor_strength > 0,
-               "step caching": opts.cache_threshold > 0}
-    used = [name for name, on in clashes.items() if on]
-    if used:
-        raise SamaInputError(f"FlowEdit works with the euler solver, denoise 1, no anchors and no step caching; "
-                             f"turn off {', '.join(used)} or turn flowedit off (flowedit_skip plays the part of "
-                             "denoise)")
+
+
+def resolve_flowedit(opts, source, target_shape, anchor_tokens):
+    """Options with flowedit "auto" -> the same with True where FlowEdit combines with the rest, else False
+    (logged, naming what turned it off); other options unchanged."""
+    if opts.flowedit != AUTO:
+        return opts
+    clashes = flowedit_clashes(opts, source, target_shape, anchor_tokens)
+    if clashes:
+        log.info("FlowEdit (flowedit 'auto') is off for this edit: it does not combine with %s", ", ".join(clashes))
+    return dataclasses.replace(opts, flowedit=not clashes)
 
 
 def flowedit_loop(edit_velocity: Callable, reconstruction_velocity: Callable, source: torch.Tensor,

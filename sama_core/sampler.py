@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .errors import SamaInputError, SamaInterrupted, SamaNumericalError
-from .flowedit import FLOWEDIT_SKIP
+from .flowedit import AUTO, FLOWEDIT_SKIP, resolve_flowedit
 from .model import TEXT_LEN, fit_text_rows
 from .region import check_region, keep_outside
 from .scheduler import add_noise, flow_sigmas, make_solver, predicted_clean, timesteps_of
@@ -54,10 +54,15 @@ class SamplerOptions:
     # accumulated output change stays under this (0 = off; ~0.05-0.2 trades quality for speed).
     cache_threshold: float = 0.0
     cache_warmup: int = 2
-    # FlowEdit (opt-in, sama_core/flowedit.py): start from the source and integrate only the difference
-    # between the edit's velocity and the negative prompt's reconstruction; skip the first sigmas.
-    flowedit: bool = False
+    # FlowEdit (sama_core/flowedit.py): start from the source and integrate only the difference between the
+    # edit's velocity and the negative prompt's reconstruction; skip the first sigmas. True, False, or "auto"
+    # (FlowEdit where it combines with the other options: a bundle's default).
+    flowedit: bool | str = False
     flowedit_skip: int = FLOWEDIT_SKIP
+
+    def __post_init__(self):
+        if self.flowedit not in (True, False, AUTO):
+            raise SamaInputError(f"flowedit must be true, false or {AUTO!r}, got {self.flowedit!r}")
 
     @classmethod
     def fast(cls, **overrides) -> "SamplerOptions":
@@ -246,6 +251,7 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
             raise SamaInputError(f"anchor tokens {tuple(anchor_tokens.shape)} must be {sem_shape} "
                                  "(batch, 65 per anchor, SigLIP width)")
     check_region(region, target_shape, source)
+    opts = resolve_flowedit(opts, source, target_shape, anchor_tokens)
     if opts.flowedit:
         return _flowedit(model, cond, uncond, source, target_shape, sigmas, sem_shape, opts, anchor_tokens,
                          callback, should_interrupt, denoiser_wrapper, region, source_semantic)

@@ -3,6 +3,7 @@ paper's update rule, its defining property (a text-blind edit leaves the source)
 the pipeline and CLI entry points."""
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -162,3 +163,60 @@ def test_pipeline_and_cli_run_flowedit(bundle, pipe, tmp_path):
     assert edited.shape == frames.shape
     assert cli(["edit", "--model", str(bundle), "--video", str(video), "--prompt", "make it red", "--out", str(out),
                 "--steps", "3", "--flowedit", "--solver", "unipc"]) == 2  # one clear line, no traceback
+
+
+def test_auto_is_flowedit_where_it_combines_and_the_released_sampler_where_not(setup, caplog):
+    model, source, cond, uncond = setup
+    base = SamplerOptions(steps=4, guidance=2.0, seed=3)
+    flow = sample(model, cond, uncond, source=source, options=dataclasses.replace(base, flowedit=True))
+    auto = sample(model, cond, uncond, source=source, options=dataclasses.replace(base, flowedit="auto"))
+    assert torch.equal(auto.latents, flow.latents) and torch.equal(auto.semantic, flow.semantic)
+    anchors = torch.randn(1, NUM_SEMANTIC, TINY.siglip_dim, generator=torch.Generator().manual_seed(2))
+    for change, clash, kwargs in (({"denoise": 0.5}, "denoise", {}), ({"solver": "unipc"}, "solver", {}),
+                                  ({"cache_threshold": 0.1}, "step caching", {}),
+                                  ({"anchor_strength": 0.5}, "anchors", {"anchor_tokens": anchors}),
+                                  ({}, "no source", {"target_shape": tuple(source.shape)})):
+        opts = dataclasses.replace(base, **change)
+        given = {"source": source, **kwargs} if "target_shape" not in kwargs else kwargs
+        plain = sample(model, cond, uncond, options=opts, **given)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sama_core.flowedit"):
+            auto = sample(model, cond, uncond, options=dataclasses.replace(opts, flowedit="auto"), **given)
+        assert torch.equal(auto.latents, plain.latents), clash
+        assert f"it does not combine with {clash}" in caplog.text
+    with pytest.raises(SamaInputError, match="flowedit must be true, false or 'auto', got 'yes'"):
+        SamplerOptions(flowedit="yes")
+
+
+@pytest.fixture(scope="module")
+def auto_bundle(tmp_path_factory):
+    """A tiny random bundle whose defaults ask for FlowEdit where it combines (as SAMA-Shapes' do)."""
+    from sama_core.bundle import write_tiny_random_bundle
+    return write_tiny_random_bundle(tmp_path_factory.mktemp("auto") / "tiny", defaults={"flowedit": "auto"})
+
+
+def test_a_bundle_default_of_auto_reaches_the_pipeline_and_the_cli_turns_it_off(auto_bundle, tmp_path):
+    from sama_core.pipeline import SamaPipeline
+    pipe = SamaPipeline.from_bundle(auto_bundle, device="cpu")
+    assert pipe.sampler_options().flowedit == "auto"
+    frames = torch.rand(5, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    options = pipe.sampler_options(steps=3)
+    default, result = pipe.edit_frames(frames, "make it red", options=options)
+    forced, _ = pipe.edit_frames(frames, "make it red", options=dataclasses.replace(options, flowedit=True))
+    plain, _ = pipe.edit_frames(frames, "make it red", options=dataclasses.replace(options, flowedit=False))
+    assert torch.equal(default, forced) and result.stats["skipped_steps"] == 2
+    assert (default - plain).abs().max() > 1e-3
+    video = tmp_path / "in.mp4"
+    write_video(video, frames, 8)
+    common = ["edit", "--model", str(auto_bundle), "--video", str(video), "--prompt", "make it red", "--steps", "3"]
+    outputs = {}
+    for name, flags in (("default", []), ("flowedit", ["--flowedit"]), ("off", ["--no-flowedit"]),
+                        ("denoise", ["--denoise", "0.5"])):
+        assert cli(common + ["--out", str(tmp_path / f"{name}.mp4")] + flags) == 0, name
+        outputs[name] = read_video(tmp_path / f"{name}.mp4")[0]
+    assert torch.equal(outputs["default"], outputs["flowedit"])
+    assert (outputs["default"] - outputs["off"]).abs().max() > 1e-3
+    # the default gives way to an option it cannot combine with; asked for by name, it refuses instead
+    assert cli(common + ["--out", str(tmp_path / "x.mp4"), "--flowedit", "--denoise", "0.5"]) == 2
+    with pytest.raises(SystemExit):  # argparse: not both
+        cli(common + ["--out", str(tmp_path / "x.mp4"), "--flowedit", "--no-flowedit"])

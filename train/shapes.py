@@ -763,8 +763,10 @@ def export_bundle(run: Run, folder: Path) -> Path:
     siglip = load_siglip_vision(run.path("encoders", "siglip"))
     demo = json.loads(run.path("demo", "sample.json").read_text())
     check_known_pieces(spiece, demo["instruction"], "the demo instruction")
+    # FlowEdit where it combines with the user's options (sama_core/flowedit.py): on 500 held-out edits of
+    # three sets it lowered the motion error by 0.34-0.42 px at -2.5 to +1 accuracy points (sessions 16-17).
     defaults = {"steps": run.budget.sample_steps, "guidance": default_guidance(run), "shift": 5.0,
-                "target_area": 64 * 64}
+                "target_area": 64 * 64, "flowedit": "auto"}
     write_bundle(tmp, dit, vae, text, spiece, siglip, defaults, card=base_card(run, demo))
     shutil.copy2(run.path("demo", "sample.mp4"), tmp / "sample.mp4")
     # The ground-truth edit of the demo clip (same motion, only the requested change): what the tests and
@@ -923,7 +925,10 @@ def write_card(run: Run, folder: Path, extra_seconds: Optional[dict] = None) -> 
               "outputs are blurrier than the inputs. "
               + (f"Guidance {spec['defaults']['guidance']} (stage 1 trained with prompt dropout)."
                  if spec.get("defaults", {}).get("guidance", 1.0) > 1.0
-                 else "Guidance is 1.0 (no prompt dropout in training)."))]
+                 else "Guidance is 1.0 (no prompt dropout in training).")
+              + (" Sampling is FlowEdit where it combines with the options given (flowedit \"auto\"; "
+                 "`--no-flowedit` for the released sampler): it keeps more of what the instruction leaves alone."
+                 if spec.get("defaults", {}).get("flowedit") else ""))]
     (folder / "README.md").write_text("\n".join(text) + "\n")
 
 

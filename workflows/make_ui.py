@@ -188,12 +188,15 @@ first frame, **SAMA Anchor Encode (file)** encodes it with the bundle's small Si
 
 A real instruction edit on a CPU in seconds: the SAMA-14B edit graph with **SAMA-Shapes**, the tiny SAMA
 this pack ships (trained by its own `train/` on clips of moving coloured shapes; it edits 64x64 clips of
-circles, squares, triangles and stars and knows nothing else). 20 steps, cfg 2 (the bundle's default guidance).
+circles, squares, triangles and stars and knows nothing else). 20 steps, cfg 2 and **FlowEdit** on (the
+bundle's defaults): the sampler starts from the source and applies only what the instruction changes, with
+the source's own SigLIP tokens from SAMA Anchor Encode (file) (the objects the instruction leaves alone move
+less; switch *flowedit* off for the released sampler).
 
 **Model files**: none to download. The pack adds its bundled `sama_core/assets/sama-shapes/` folder to
 ComfyUI's model folders, so the loaders list `sama-shapes/dit.safetensors`,
-`sama-shapes/text_encoder.safetensors` and `sama-shapes/vae.safetensors` (the narrow VAE needs
-**SAMA Load VAE (any width)**).
+`sama-shapes/text_encoder.safetensors`, `sama-shapes/vae.safetensors` and `sama-shapes/siglip.safetensors`
+(the narrow VAE needs **SAMA Load VAE (any width)**).
 
 **Input**: copy `sama_core/assets/sama-shapes/sample.mp4` to `ComfyUI/input/sama_shapes_sample.mp4`
 (the clip the instruction was written for: a cyan circle, a purple circle and a red square on dark
@@ -205,7 +208,7 @@ shapes clip and write your own instruction, e.g. "make the red square blue", "re
 The SAMA-Shapes demo with a **mask**: white where the edit may change the video. Outside it the sampler
 keeps the source's latents at every step, and Image Composite Masked puts the source's own pixels back after
 decoding, so the objects the instruction leaves alone stay exactly as they were (instruction alone, this
-tiny model blurs and moves them; docs/sama_shapes.md).
+tiny model blurs and moves them; docs/sama_shapes.md). FlowEdit is on, as in the plain demo.
 
 **Inputs**: copy `sama_core/assets/sama-shapes/sample.mp4` to `ComfyUI/input/sama_shapes_sample.mp4` and
 `sama_core/assets/sama-shapes/sample_region.png` to `ComfyUI/input/sama_shapes_sample_region.png` (white over

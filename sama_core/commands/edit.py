@@ -47,9 +47,13 @@ def add_sampling_args(p: argparse.ArgumentParser):
                    help="step caching threshold (approximate; 0.05 is mild, 0.15 aggressive)")
     s.add_argument("--fast", action="store_true",
                    help="fast preset: unipc 20 steps + step cache 0.05 + batched CFG (approximate)")
-    s.add_argument("--flowedit", action="store_true",
-                   help="FlowEdit: start from the source and apply only what the instruction changes (keeps the "
-                        "rest closer to the source; euler, no windows/anchors/cache)")
+    flow = s.add_mutually_exclusive_group()
+    flow.add_argument("--flowedit", action="store_true", default=None,
+                      help="FlowEdit: start from the source and apply only what the instruction changes (keeps the "
+                           "rest closer to the source; euler, no windows/anchors/cache). Default: the bundle's "
+                           "(SAMA-Shapes: on where it combines with the other options)")
+    flow.add_argument("--no-flowedit", action="store_false", dest="flowedit", default=None,
+                      help="the released sampler even where the bundle defaults to FlowEdit")
     s.add_argument("--flowedit-skip", type=int, help="FlowEdit: first sigmas skipped (2); more keeps more of the source")
     s.add_argument("--window-frames", type=int, help="edit long videos in windows of this many frames (4k+1)")
     f = p.add_argument_group("frames")
@@ -144,7 +148,7 @@ def options_from(pipe, args, **extra):
     chosen = dict(steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed, denoise=args.denoise,
                   source_guidance=args.source_guidance, text_guidance=args.text_guidance,
                   batch_cfg=args.batch_cfg or None, solver=args.solver, cache_threshold=args.cache_threshold,
-                  window_latent_frames=window, flowedit=args.flowedit or None, flowedit_skip=args.flowedit_skip,
+                  window_latent_frames=window, flowedit=args.flowedit, flowedit_skip=args.flowedit_skip,
                   **extra)
     return pipe.sampler_options(**{**preset, **{k: v for k, v in chosen.items() if v is not None}})
 
