@@ -537,7 +537,18 @@ def test_eval_flowedit_rows_sample_with_flowedit(heldout, tmp_path, capsys, monk
     assert len({flow[m]["psnr"] for m in flow if m.startswith("SAMA")}) == 3  # three different edits
     assert ev.parse_flowedit_skips("2,4") == (2, 4) and ev.parse_flowedit_skips(None) == ()
     assert ev.main([*common, "--flowedit", "1.5"]) == 2
-    assert "--flowedit takes whole numbers >= 0" in capsys.readouterr().err
+    assert "--flowedit takes 'off' and/or whole numbers >= 0" in capsys.readouterr().err
+    # "off": the released sampler beside a bundle default of FlowEdit (SAMA-Shapes' since session 17)
+    seen.clear()
+    off = rows("off", "--flowedit", "off,1")
+    assert set(off) == {"SAMA-Shapes", "SAMA-Shapes (released sampler)", "SAMA-Shapes + FlowEdit (skip 1)",
+                        "copy (output = source)"}
+    assert seen == [(False, 2), (False, 2), (True, 1)]
+    assert off["SAMA-Shapes (released sampler)"]["psnr"] == flow["SAMA-Shapes"]["psnr"]
+    assert ev.parse_flowedit_skips("off") == ("off",)
+    for bad in ("off,off", "of", "off,-1"):
+        with pytest.raises(SamaInputError, match="--flowedit"):
+            ev.parse_flowedit_skips(bad)
 
 
 def test_eval_ctrl_c_says_nothing_was_written_instead_of_a_traceback(heldout, tmp_path, capsys, monkeypatch):

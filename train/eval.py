@@ -88,6 +88,8 @@ PSNR_CAP = 100.0
 EDIT_MASK_GROW = 2         # px the edit mask is grown by for the "+ edit mask" rows (a user's rough brush)
 EDIT_MASK_SUFFIX = " + edit mask"
 FLOWEDIT_SUFFIX = " + FlowEdit"
+FLOWEDIT_OFF = "off"  # --flowedit off: a row with the released sampler (for bundles that default to FlowEdit)
+RELEASED_SAMPLER_SUFFIX = " (released sampler)"
 # Baseline row names (train/paired.py and train/shapes_compare.py tell them from the model rows by these).
 COPY_ROW = "copy (output = source)"
 GROUND_TRUTH_ROW = "ground truth"
@@ -587,7 +589,8 @@ def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], see
     denoise (< 1 starts from the source latents noised to that point of the schedule instead of pure noise).
     edit_mask: every model row also gets a "ROW + edit mask" row, the same edit with the ground-truth edit
     region given as the user's mask. flowedit_skips: every model row also gets a "ROW + FlowEdit (skip K)"
-    row per value, the same edit sampled with FlowEdit (sama_core/flowedit.py) skipping the first K sigmas."""
+    row per value, the same edit sampled with FlowEdit (sama_core/flowedit.py) skipping the first K sigmas,
+    and for "off" a "ROW (released sampler)" row, FlowEdit off whatever the bundle's default."""
     from sama_core.pipeline import SamaPipeline
     methods: dict[str, Method] = {}
     pipe = None
@@ -613,6 +616,10 @@ def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], see
                     if edit_mask:
                         methods[name + EDIT_MASK_SUFFIX] = pipeline_method(model, options, edit_mask=True)
                     for skip in flowedit_skips:
+                        if skip == FLOWEDIT_OFF:
+                            released = dataclasses.replace(options, flowedit=False)
+                            methods[name + RELEASED_SAMPLER_SUFFIX] = pipeline_method(model, released)
+                            continue
                         flow = dataclasses.replace(options, flowedit=True, flowedit_skip=skip)
                         methods[f"{name}{FLOWEDIT_SUFFIX} (skip {skip})"] = pipeline_method(model, flow)
     elif extra_dits or extra_vaes:
@@ -672,10 +679,17 @@ def parse_guidances(text: Optional[str]) -> tuple:
 
 
 def parse_flowedit_skips(text: Optional[str]) -> tuple:
+    """--flowedit "off,2,4" -> ("off", 2, 4): a row per value ("off": the released sampler); None -> ()."""
     if text is None:
         return ()
-    values = parse_values(text, "--flowedit", lambda v: v >= 0 and v == int(v), "whole numbers >= 0", "2,4")
-    return tuple(int(v) for v in values)
+    items = [item.strip() for item in text.split(",")]
+    off = (FLOWEDIT_OFF,) if FLOWEDIT_OFF in items else ()
+    numbers = ",".join(item for item in items if item != FLOWEDIT_OFF)
+    values = parse_values(numbers, "--flowedit", lambda v: v >= 0 and v == int(v),
+                          f"'{FLOWEDIT_OFF}' and/or whole numbers >= 0", "off,2,4") if numbers else ()
+    if items.count(FLOWEDIT_OFF) > 1:
+        raise SamaInputError(f"--flowedit lists a value twice: {text!r}")
+    return off + tuple(int(v) for v in values)
 
 
 def parse_denoises(text: Optional[str]) -> tuple:
@@ -715,7 +729,8 @@ def main(argv=None) -> int:
                              "ground-truth edit mask grown by 2 px): rows 'NAME + edit mask'")
     parser.add_argument("--flowedit", default=None, metavar="K[,K...]",
                         help="also evaluate every model row sampled with FlowEdit, skipping the first K sigmas "
-                             "(2 is the sampler's default): rows 'NAME + FlowEdit (skip K)'")
+                             "(2 is the sampler's default): rows 'NAME + FlowEdit (skip K)'; 'off': a row with "
+                             "the released sampler, 'NAME (released sampler)' (SAMA-Shapes defaults to FlowEdit)")
     parser.add_argument("--train-data", default=None, help="training folder: check no held-out scene is in it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
