@@ -22,8 +22,10 @@ tokens. On SAMA-Shapes the joint form kept the edit accuracy, the sampled one co
 `SamplerOptions.flowedit`: False (the released sampler, the default), True (FlowEdit; what it cannot combine
 with is refused) or "auto" (FlowEdit where it combines with the other options, else the released sampler,
 with a log line: what a bundle's defaults ask for, so that a user's --denoise or --fast still works).
-SAMA-Shapes defaults to "auto" since session 17; measured in docs/sama_shapes.md (sessions 16-17). Not in diffusers (only community pipelines for SD3 / FLUX, which cannot
-call an in-context video model), hence this loop.
+SAMA-Shapes defaults to "auto" since session 17; measured in docs/sama_shapes.md (sessions 16-17).
+
+Not in diffusers (only community pipelines for SD3 / FLUX, which cannot call an in-context video model),
+hence this loop.
 """
 
 from __future__ import annotations
@@ -44,12 +46,16 @@ FLOWEDIT_SKIP = 2  # sigmas skipped at the start (FlowEdit's n_max = steps - ski
 AUTO = "auto"  # SamplerOptions.flowedit: FlowEdit where it combines with the other options
 
 
-def flowedit_clashes(opts, source, target_shape, anchor_tokens) -> dict[str, str]:
-    """What keeps FlowEdit from running with these options: {name: the fix}, empty when nothing does."""
+def flowedit_clashes(opts, source, target_shape, anchor_tokens, negative: bool = True) -> dict[str, str]:
+    """What keeps FlowEdit from running with these options: {name: the fix}, empty when nothing does.
+    negative: whether a negative prompt is given (the reconstruction pass needs one)."""
     clashes = {}
     if source is None or tuple(source.shape) != tuple(target_shape):
         clashes["no source"] = ("FlowEdit edits a source video: give a source of the target's shape (or turn "
                                 "flowedit off to generate)")
+    if not negative:
+        clashes["no negative prompt"] = ("FlowEdit reconstructs the source with the negative prompt: pass one "
+                                         "(uncond)")
     if opts.window_latent_frames and target_shape[2] > opts.window_latent_frames:
         frames = 4 * (opts.window_latent_frames - 1) + 1
         clashes["temporal windows"] = (
@@ -65,9 +71,9 @@ def flowedit_clashes(opts, source, target_shape, anchor_tokens) -> dict[str, str
     return clashes
 
 
-def check_flowedit_options(opts, source, target_shape, anchor_tokens) -> None:
+def check_flowedit_options(opts, source, target_shape, anchor_tokens, negative: bool = True) -> None:
     """Refuse what FlowEdit cannot combine with, naming the fix."""
-    clashes = flowedit_clashes(opts, source, target_shape, anchor_tokens)
+    clashes = flowedit_clashes(opts, source, target_shape, anchor_tokens, negative)
     if clashes:
         raise SamaInputError(next(iter(clashes.values())))
     if not 0 <= opts.flowedit_skip < opts.steps:
@@ -75,12 +81,12 @@ def check_flowedit_options(opts, source, target_shape, anchor_tokens) -> None:
                              f"steps (default {FLOWEDIT_SKIP})")
 
 
-def resolve_flowedit(opts, source, target_shape, anchor_tokens):
+def resolve_flowedit(opts, source, target_shape, anchor_tokens, negative: bool = True):
     """Options with flowedit "auto" -> the same with True where FlowEdit combines with the rest, else False
     (logged, naming what turned it off); other options unchanged."""
     if opts.flowedit != AUTO:
         return opts
-    clashes = flowedit_clashes(opts, source, target_shape, anchor_tokens)
+    clashes = flowedit_clashes(opts, source, target_shape, anchor_tokens, negative)
     if clashes:
         log.info("FlowEdit (flowedit 'auto') is off for this edit: it does not combine with %s", ", ".join(clashes))
     return dataclasses.replace(opts, flowedit=not clashes)

@@ -251,7 +251,7 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
             raise SamaInputError(f"anchor tokens {tuple(anchor_tokens.shape)} must be {sem_shape} "
                                  "(batch, 65 per anchor, SigLIP width)")
     check_region(region, target_shape, source)
-    opts = resolve_flowedit(opts, source, target_shape, anchor_tokens)
+    opts = resolve_flowedit(opts, source, target_shape, anchor_tokens, negative=uncond is not None)
     if opts.flowedit:
         return _flowedit(model, cond, uncond, source, target_shape, sigmas, sem_shape, opts, anchor_tokens,
                          callback, should_interrupt, denoiser_wrapper, region, source_semantic)
@@ -312,12 +312,10 @@ def sample(model, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
 def _flowedit(model, cond, uncond, source, target_shape, sigmas, sem_shape, opts, anchor_tokens, callback,
               should_interrupt, denoiser_wrapper, region, source_semantic) -> SampleResult:
     from .flowedit import check_flowedit_options, flowedit_loop, reconstruction_options
-    check_flowedit_options(opts, source, target_shape, anchor_tokens)
+    check_flowedit_options(opts, source, target_shape, anchor_tokens, negative=uncond is not None)
     if source_semantic is not None and sem_shape is not None and tuple(source_semantic.shape) != sem_shape:
         raise SamaInputError(f"source semantic tokens {tuple(source_semantic.shape)} must be {sem_shape} (batch, "
                              "65, SigLIP width): encode the source's first frame with the model's SigLIP")
-    if uncond is None:
-        raise SamaInputError("FlowEdit reconstructs the source with the negative prompt: pass one (uncond)")
     edit = make_denoiser(model, source, cond, uncond, opts)
     reconstruction = make_denoiser(model, source, uncond, None, reconstruction_options(opts))
     if denoiser_wrapper is not None:

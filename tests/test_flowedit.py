@@ -175,13 +175,15 @@ def test_auto_is_flowedit_where_it_combines_and_the_released_sampler_where_not(s
     for change, clash, kwargs in (({"denoise": 0.5}, "denoise", {}), ({"solver": "unipc"}, "solver", {}),
                                   ({"cache_threshold": 0.1}, "step caching", {}),
                                   ({"anchor_strength": 0.5}, "anchors", {"anchor_tokens": anchors}),
-                                  ({}, "no source", {"target_shape": tuple(source.shape)})):
+                                  ({}, "no source", {"target_shape": tuple(source.shape)}),
+                                  ({"guidance": 1.0}, "no negative prompt", {"negative": None})):
         opts = dataclasses.replace(base, **change)
+        negative = kwargs.pop("negative", uncond)
         given = {"source": source, **kwargs} if "target_shape" not in kwargs else kwargs
-        plain = sample(model, cond, uncond, options=opts, **given)
+        plain = sample(model, cond, negative, options=opts, **given)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="sama_core.flowedit"):
-            auto = sample(model, cond, uncond, options=dataclasses.replace(opts, flowedit="auto"), **given)
+            auto = sample(model, cond, negative, options=dataclasses.replace(opts, flowedit="auto"), **given)
         assert torch.equal(auto.latents, plain.latents), clash
         assert f"it does not combine with {clash}" in caplog.text
     with pytest.raises(SamaInputError, match="flowedit must be true, false or 'auto', got 'yes'"):
