@@ -551,6 +551,35 @@ def test_eval_flowedit_rows_sample_with_flowedit(heldout, tmp_path, capsys, monk
             ev.parse_flowedit_skips(bad)
 
 
+def test_eval_merge_of_two_processes_equals_one_evaluation_of_all_edits(heldout, tmp_path, capsys):
+    """--merge: two evaluations of disjoint kinds (the two-process way the docs run them) give the same per-edit
+    scores, tables and metrics as one evaluation of every edit."""
+    common = ["--data", str(heldout), "--limit", "2", "--baselines", "copy,ground_truth"]
+    assert ev.main([*common, "--out", str(tmp_path / "all")]) == 0
+    assert ev.main([*common, "--kinds", "color,shape,remove", "--out", str(tmp_path / "a")]) == 0
+    assert ev.main([*common, "--kinds", "add,background", "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    assert ev.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "merged")]) == 0
+    assert "merged 2 evaluations" in capsys.readouterr().out
+
+    def per_edit(folder):
+        return sorted((r["method"], r["id"], json.dumps(r, sort_keys=True))
+                      for r in map(json.loads, (tmp_path / folder / "per_edit.jsonl").read_text().splitlines()))
+    assert per_edit("merged") == per_edit("all") and len(per_edit("all")) == 2 * 10
+    merged = json.loads((tmp_path / "merged" / "metrics.json").read_text())["summaries"]
+    whole = json.loads((tmp_path / "all" / "metrics.json").read_text())["summaries"]
+    assert merged == whole
+    tables = [(tmp_path / f / "results.md").read_text().split("\n- ")[0] for f in ("merged", "all")]
+    assert tables[0] == tables[1]  # the same tables (the timing lines differ)
+    # refusals: overlapping parts, an unfinished part, no --out
+    assert ev.main(["--merge", str(tmp_path / "a"), str(tmp_path / "all"), "--out", str(tmp_path / "x")]) == 2
+    assert "is in two parts" in capsys.readouterr().err
+    assert ev.main(["--merge", str(tmp_path / "a"), str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a finished evaluation" in capsys.readouterr().err
+    assert ev.main(["--merge", str(tmp_path / "a")]) == 2
+    assert "--merge needs --out" in capsys.readouterr().err
+
+
 def test_eval_ctrl_c_says_nothing_was_written_instead_of_a_traceback(heldout, tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -548,23 +548,62 @@ def evaluate(methods: dict[str, Method], rows: list[dict], out_dir=None, example
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        with (out / "per_edit.jsonl").open("w") as f:
-            for m, rs in results.items():
-                for r in rs:
-                    f.write(json.dumps({"method": m, **r}) + "\n")
-        metrics = {"summaries": summaries, "seconds": seconds}
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        files["plot"] = plot(summaries, out / "accuracy.png")
         if example_cases:
             files["examples"] = examples_image(example_cases, example_outputs, out / "examples.png")
-        # results.md last: its presence marks a complete evaluation (the orchestrator skips on it).
-        text = markdown_tables(summaries, "# SAMA-Shapes evaluation\n")
-        text += "\n" + "\n".join(f"- {m}: {seconds[m]:.1f} s for {len(results[m])} edits" for m in methods) + "\n"
-        tmp = out / ".results.md.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / "results.md")
-        files.update(metrics=out / "metrics.json", table=out / "results.md", per_edit=out / "per_edit.jsonl")
+        files.update(write_report(out, results, seconds, summaries))
     return EvalReport(summaries, results, seconds, files)
+
+
+def write_report(out: Path, results: dict, seconds: dict, summaries: dict) -> dict[str, Path]:
+    """per_edit.jsonl, metrics.json, accuracy.png and results.md of an evaluation into `out`."""
+    with (out / "per_edit.jsonl").open("w") as f:
+        for m, rs in results.items():
+            for r in rs:
+                f.write(json.dumps({"method": m, **r}) + "\n")
+    metrics = {"summaries": summaries, "seconds": seconds}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    files = {"plot": plot(summaries, out / "accuracy.png")}
+    # results.md last: its presence marks a complete evaluation (the orchestrator skips on it).
+    text = markdown_tables(summaries, "# SAMA-Shapes evaluation\n")
+    text += "\n" + "\n".join(f"- {m}: {seconds[m]:.1f} s for {len(results[m])} edits" for m in results) + "\n"
+    tmp = out / ".results.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / "results.md")
+    return files | {"metrics": out / "metrics.json", "table": out / "results.md", "per_edit": out / "per_edit.jsonl"}
+
+
+def merge_evaluations(parts: list, out) -> EvalReport:
+    """Evaluations of disjoint parts of one held-out set (e.g. two processes with --kinds color,shape,remove
+    and --kinds add,background) -> one report over all their edits, as if evaluated at once (the tables and
+    metrics are recomputed from the per-edit scores; examples.png is not, since the outputs are not kept)."""
+    results: dict[str, list] = {}
+    seconds: dict[str, float] = {}
+    methods_of_first, seen = None, set()
+    for part in map(Path, parts):
+        if not (part / "results.md").is_file():
+            raise SamaInputError(f"--merge {part}: not a finished evaluation (no results.md): let it finish first")
+        rows = [json.loads(line) for line in (part / "per_edit.jsonl").read_text().splitlines() if line]
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        if methods_of_first is None:
+            methods_of_first = methods
+        elif sorted(methods) != sorted(methods_of_first):
+            raise SamaInputError(f"--merge {part} has the rows {methods}, the first part {methods_of_first}: "
+                                 "merge evaluations of the same methods")
+        for r in rows:
+            key = (r["method"], r["id"])
+            if key in seen:
+                raise SamaInputError(f"--merge: edit {r['id']} of {r['method']!r} is in two parts; give parts "
+                                     "with disjoint edits (e.g. different --kinds)")
+            seen.add(key)
+            results.setdefault(r.pop("method"), []).append(r)
+        for m, value in json.loads((part / "metrics.json").read_text()).get("seconds", {}).items():
+            seconds[m] = seconds.get(m, 0.0) + value
+    if not results:
+        raise SamaInputError("--merge: the parts hold no scored edits")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = {m: summarize(r) for m, r in results.items()}
+    return EvalReport(summaries, results, seconds, write_report(out, results, seconds, summaries))
 
 
 def row_name(name: str, guidance: Optional[float], sweep: bool,
@@ -702,7 +741,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", default=None, help="model bundle folder (bundle.json)")
-    parser.add_argument("--data", required=True, help="held-out SAMA-Shapes folder (ground_truth.jsonl)")
+    parser.add_argument("--data", default=None, help="held-out SAMA-Shapes folder (ground_truth.jsonl)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="EVAL",
+                        help="instead of evaluating: merge finished evaluations of disjoint parts of one set "
+                             "(e.g. two processes with different --kinds) into --out")
     parser.add_argument("--out", default=None, help="output folder (default: DATA/../eval)")
     parser.add_argument("--name", default="SAMA-Shapes", help="the bundle's row name")
     parser.add_argument("--extra-dit", action="append", default=[], metavar="NAME=FILE",
@@ -735,6 +777,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     require_matplotlib()  # before minutes of sampling, not at the end when the plots are drawn
+    if args.merge:
+        if not args.out:
+            raise SamaInputError("--merge needs --out: the folder for the merged evaluation")
+        report = merge_evaluations(args.merge, args.out)
+        print(markdown_tables(report.summaries))
+        print(f"merged {len(args.merge)} evaluations into {args.out}")
+        return 0
+    if args.data is None:
+        raise SamaInputError("--data is needed: a held-out SAMA-Shapes folder (ground_truth.jsonl)")
     if args.limit is not None and args.limit < 1:
         raise SamaInputError(f"--limit must be at least 1, got {args.limit}")
     if args.steps is not None and args.steps < 1:
