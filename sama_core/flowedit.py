@@ -62,6 +62,9 @@ def flowedit_clashes(opts, source, target_shape, anchor_tokens, negative: bool =
             f"FlowEdit edits the whole clip at once, without temporal windows: this one needs them (over {frames} "
             f"frames); edit at most {frames} frames at a time (--frames / --max-frames, or trim the clip) or turn "
             "flowedit off")
+    if not 0 <= opts.flowedit_skip < opts.steps:
+        clashes["steps"] = (f"flowedit_skip must be in [0, steps), got {opts.flowedit_skip} for {opts.steps} steps "
+                            f"(default {FLOWEDIT_SKIP}): give more steps or skip fewer")
     used = [name for name, on in {"solver": opts.solver != "euler", "denoise": opts.denoise < 1.0,
                                   "anchors": anchor_tokens is not None and opts.anchor_strength > 0,
                                   "step caching": opts.cache_threshold > 0}.items() if on]
@@ -76,9 +79,6 @@ def check_flowedit_options(opts, source, target_shape, anchor_tokens, negative: 
     clashes = flowedit_clashes(opts, source, target_shape, anchor_tokens, negative)
     if clashes:
         raise SamaInputError(next(iter(clashes.values())))
-    if not 0 <= opts.flowedit_skip < opts.steps:
-        raise SamaInputError(f"flowedit_skip must be in [0, steps), got {opts.flowedit_skip} for {opts.steps} "
-                             f"steps (default {FLOWEDIT_SKIP})")
 
 
 def resolve_flowedit(opts, source, target_shape, anchor_tokens, negative: bool = True):

@@ -176,7 +176,8 @@ def test_auto_is_flowedit_where_it_combines_and_the_released_sampler_where_not(s
                                   ({"cache_threshold": 0.1}, "step caching", {}),
                                   ({"anchor_strength": 0.5}, "anchors", {"anchor_tokens": anchors}),
                                   ({}, "no source", {"target_shape": tuple(source.shape)}),
-                                  ({"guidance": 1.0}, "no negative prompt", {"negative": None})):
+                                  ({"guidance": 1.0}, "no negative prompt", {"negative": None}),
+                                  ({"steps": 2}, "steps", {})):  # flowedit_skip 2 would leave no step
         opts = dataclasses.replace(base, **change)
         negative = kwargs.pop("negative", uncond)
         given = {"source": source, **kwargs} if "target_shape" not in kwargs else kwargs
