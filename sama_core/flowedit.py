@@ -37,6 +37,7 @@ from typing import Callable, Optional
 import torch
 
 from .errors import SamaInputError, SamaInterrupted
+from .scheduler import add_noise
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,9 @@ def flowedit_loop(edit_velocity: Callable, reconstruction_velocity: Callable, so
         if should_interrupt is not None and should_interrupt():
             raise SamaInterrupted(f"sampling interrupted at step {i}/{opts.steps}; nothing was written")
         sigma, step = sigmas[i], sigmas[i + 1] - sigmas[i]
-        noise = draw(source.shape)
-        z_source = (1 - sigma) * source + sigma * noise
+        z_source = add_noise(source, draw(source.shape), sigma)
         if joint:
-            sem_source = (1 - sigma) * source_semantic + sigma * draw(source_semantic.shape)
+            sem_source = add_noise(source_semantic, draw(source_semantic.shape), sigma)
             v_edit, v_sem = edit_velocity(z + z_source - source, sem + sem_source - source_semantic, sigma)
             v_rec, v_sem_rec = reconstruction_velocity(z_source, sem_source, sigma)
             v_sem = v_sem - v_sem_rec
