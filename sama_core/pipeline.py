@@ -22,6 +22,7 @@ import torch
 
 from .bundle import BUNDLE_FILE
 from .errors import SamaFileNotFoundError, SamaInputError
+from .flowedit import resolve_flowedit
 from .loading import load_dit, merge_lora
 from .pretext import blank_frames
 from .region import check_pixel_mask, composite, latent_region
@@ -245,6 +246,8 @@ class SamaPipeline:
         if mask is not None:
             padded_mask, _ = vio.pad_to_4k_plus_1(fit_mask(mask, plan))
             region = latent_region(padded_mask, source.shape).to(self.device, self.dtype)
+        # "auto" decided here, before the SigLIP encode that only FlowEdit needs (sample() leaves it as is)
+        options = resolve_flowedit(options, source, tuple(source.shape), anchor)
         source_semantic = None
         if options.flowedit and self.anchor_encoder is not None and anchor is None:
             # FlowEdit in the joint space: the source sample's semantic half is its anchor frame's SigLIP tokens
