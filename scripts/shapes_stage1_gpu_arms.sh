@@ -68,7 +68,8 @@ stage, prefix = Path(sys.argv[1]), sys.argv[2]
 dit = load_dit(stage / "final" / "sama_dit.safetensors", dtype=torch.float32)  # the export: EMA + config
 save_dit(dit.to(torch.float16), f"{prefix}_ema.safetensors")
 if sys.argv[3] == "0":  # RAW=0
-    sys.exit(print(f"wrote {prefix}_ema.safetensors (fp16)"))
+    print(f"wrote {prefix}_ema.safetensors (fp16)")
+    sys.exit(0)
 step, last = list_checkpoints(stage)[-1]
 dit.float().load_state_dict(load_file(str(last / "model.safetensors")))
 save_dit(dit.to(torch.float16), f"{prefix}_raw.safetensors")
