@@ -1,13 +1,15 @@
-"""How fast the feature cache encodes, by clips per VAE call (train/cache.py ENCODE_BATCH).
+"""How fast the feature cache encodes, by clips per VAE call (train/cache.py encode_limits).
 
-    python bench/cache_build.py --config runs/s10/stage1.yaml [--samples 64] [--batches 1,2,8]
+    python bench/cache_build.py --config runs/s10/stage1.yaml [--samples 64] [--batches 1,2,8] [--workers 0]
 
 Writes one cache shard of the config's first --samples distinct samples once per batch size (into a temporary
 folder; the config's cache is not touched), in one process, and prints the seconds per sample, the ratio to
 the first batch size, and the largest difference of any cached tensor from the first batch size's shard
 (batching changes only the order of the VAE's floating-point sums). The data index is built in the temporary
 folder too. The first shard is written once more untimed beforehand, so that every timed run finds the
-decoder and the encoders warm.
+decoder and the encoders warm. A batch size scales the chunk limits with it, as `data.cache_encode_batch`
+does; --workers decodes the samples in that many loader processes (`data.num_workers`). The encoders run on
+CUDA when there is one.
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--samples", type=int, default=64, help="distinct samples to encode (default 64)")
     p.add_argument("--batches", default="1,2,8", help="clips per VAE call to compare (default 1,2,8)")
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: this one)")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = p.parse_args(argv)
     sizes = parse_batches(args.batches)
+    if args.workers < 0:
+        raise SystemExit(f"--workers {args.workers}: give 0 (decode in this process) or more")
     if args.samples < 1:
         raise SystemExit(f"--samples {args.samples}: give at least 1")
     cfg = load_config(Path(args.config), args.overrides)
@@ -55,27 +60,29 @@ def main(argv=None) -> int:
         index = load_or_build_index(cfg, tmp / "data_index.json")
         indices = cache._unique_rows(index)[: args.samples]
         dataset = RawMediaDataset(index, cfg.data)
-        encoders = FeatureEncoders.from_config(cfg)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        encoders = FeatureEncoders.from_config(cfg, device=device)
         pretexts = pretext_names_in(cfg.data.pretext_mix)
         store = DTYPES[cfg.data.cache_dtype]
 
         def write(size: int, path: Path) -> float:
-            cache.ENCODE_BATCH = size
+            if device == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
-            cache.write_shard(dataset, encoders, 0, indices, path, cfg.seed, pretexts, store)
+            cache.write_shard(dataset, encoders, 0, indices, path, cfg.seed, pretexts, store,
+                              cache.encode_limits(size), args.workers)
+            if device == "cuda":
+                torch.cuda.synchronize()
             return time.perf_counter() - start
 
-        default = cache.ENCODE_BATCH
         seconds, shards = {}, {}
-        try:
-            write(sizes[0], tmp / "warm.safetensors")
-            for size in sizes:
-                seconds[size] = write(size, tmp / f"batch{size}.safetensors")
-                shards[size] = load_file(str(tmp / f"batch{size}.safetensors"))
-        finally:
-            cache.ENCODE_BATCH = default
+        write(sizes[0], tmp / "warm.safetensors")
+        for size in sizes:
+            seconds[size] = write(size, tmp / f"batch{size}.safetensors")
+            shards[size] = load_file(str(tmp / f"batch{size}.safetensors"))
     base, first = sizes[0], shards[sizes[0]]
-    print(f"{len(indices)} samples, {torch.get_num_threads()} threads, device cpu")
+    print(f"{len(indices)} samples, {torch.get_num_threads()} threads, device {device}, "
+          f"{args.workers} decoding workers")
     for size in sizes:
         diff = max((float((shards[size][k] - first[k]).abs().max()) for k in first), default=0.0)
         print(f"  {size:3d} clips per VAE call: {seconds[size] / len(indices) * 1000:8.1f} ms/sample  "

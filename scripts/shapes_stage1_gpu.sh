@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Continue SAMA-Shapes stage 1 on one GPU for a fixed number of minutes, from raw clips (no feature cache:
-# on a GPU the encoders cost little next to the DiT step, and the clips need no carrying around).
+# Continue SAMA-Shapes stage 1 on one GPU for a fixed number of minutes, from raw clips (the encoders run
+# next to the DiT every step) or, with CACHE, from a feature cache built here first.
 #
 #   RUN=runs/shapes_gpu MINUTES=6 bash scripts/shapes_stage1_gpu.sh
 #
@@ -14,6 +14,11 @@
 # RUN/stage1/final/sama_dit.safetensors; running the script again continues it (--resume latest).
 # PREPARE_ONLY=1 stops after the clips and the config (e.g. to run bench/train_step.py on them first);
 # CHECK_ONLY=1 stops after checking that RUN holds the files above (exit 2 naming the first missing one).
+# CACHE=DIR trains from a feature cache in DIR (`python -m train cache`: every sample's VAE latents, text rows
+# and anchor tokens, computed once, CACHE_BATCH clips per VAE call, default 64, decoded by WORKERS processes),
+# built here when DIR holds no complete cache; a complete one is used as it is (arms share one). On 2 CPU
+# cores the encoders were 75% of a batch-64 step from raw clips (session 18, bench/train_step.py). CACHE_ONLY=1
+# stops after building it.
 # EMA sets ema.decay (0.999). EXTRA holds more config overrides, space-separated, applied last, e.g.
 #   EXTRA="train.keep_region_weight=25 optim.decay_from_step=1200 optim.final_lr=1e-4"
 # Several runs side by side on one GPU: scripts/shapes_stage1_gpu_arms.sh. Sessions 5 and 13 ran this on an
@@ -27,6 +32,8 @@ BATCH=${BATCH:-64}
 LR=${LR:-5e-4}
 EMA=${EMA:-0.999}
 WORKERS=${WORKERS:-$(nproc)}
+CACHE=${CACHE:-}
+CACHE_BATCH=${CACHE_BATCH:-64}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -42,11 +49,17 @@ if [ ! -f "$RUN/data/train/dataset.json" ]; then
 fi
 
 # The stage-1 template (train/configs/shapes_stage1.yaml: edit-region weighting, prompt dropout, ...) with a
-# GPU-sized batch, raw clips instead of a cache and the clock as the limit, resolved into RUN/stage1_gpu.yaml.
+# GPU-sized batch, raw clips or CACHE and the clock as the limit, resolved into RUN/stage1_gpu.yaml.
+if [ -n "$CACHE" ]; then
+  mkdir -p "$CACHE"; CACHE=$(cd "$CACHE" && pwd)
+  DATA_SOURCE="data.cache_dir=$CACHE data.cache_encode_batch=$CACHE_BATCH"
+else
+  DATA_SOURCE="data.cache_dir=null"
+fi
 cp "$ROOT/train/configs/shapes_stage1.yaml" "$RUN/stage1_gpu.yaml"
 "$PY" -c 'import sys; from train.config import load_config, save_config
 save_config(load_config(sys.argv[1], sys.argv[2:]), sys.argv[1])' "$RUN/stage1_gpu.yaml" \
-  model.init_from=init/sama_dit.safetensors data.cache_dir=null \
+  model.init_from=init/sama_dit.safetensors $DATA_SOURCE \
   data.num_workers=$(( WORKERS > 12 ? 12 : WORKERS )) data.probe_workers="$WORKERS" \
   train.batch_size="$BATCH" train.max_steps=1000000 train.max_minutes="$MINUTES" \
   optim.lr="$LR" optim.warmup_steps=200 ema.decay="$EMA" checkpoint.keep=2 validation.every=0 log.every=100 \
@@ -54,6 +67,14 @@ save_config(load_config(sys.argv[1], sys.argv[2:]), sys.argv[1])' "$RUN/stage1_g
 
 [ "${PREPARE_ONLY:-0}" = 1 ] && { echo "== prepared $RUN/stage1_gpu.yaml"; exit 0; }
 
-echo "== stage 1 for $MINUTES min (batch $BATCH, lr $LR, EMA $EMA${EXTRA:+, $EXTRA})"
+if [ -n "$CACHE" ] && [ ! -f "$CACHE/cache_index.json" ]; then
+  echo "== feature cache of the clips -> $CACHE ($CACHE_BATCH clips per VAE call)"
+  T_CACHE=$(date +%s)
+  "$PY" -m train cache --config "$RUN/stage1_gpu.yaml"
+  echo "== cache built in $(( $(date +%s) - T_CACHE )) s"
+fi
+[ "${CACHE_ONLY:-0}" = 1 ] && { echo "== cache ready in $CACHE"; exit 0; }
+
+echo "== stage 1 for $MINUTES min (batch $BATCH, lr $LR, EMA $EMA${CACHE:+, from the cache $CACHE}${EXTRA:+, $EXTRA})"
 "$PY" -m train stage1 --config "$RUN/stage1_gpu.yaml" --resume latest
 echo "== exported $RUN/stage1/final/sama_dit.safetensors"

@@ -19,6 +19,9 @@
 # arm; WORKERS (8) data-loading processes per arm; GEN_WORKERS (8) clip-generation processes (not more:
 # on the H100 machine 2000 clips took 162 s with nproc of them in session 17, 41 s with 8 in session 13);
 # RAW=0 skips the NAME_raw files (the device tool brings back at most 8 files, 64 MiB).
+# CACHED=1 builds one feature cache per clip count (WORK/cache_CLIPS, scripts/shapes_stage1_gpu.sh CACHE),
+# after the clips and before the arms, on the same clock, and every arm of that count trains from it instead
+# of encoding its batches' clips itself (OUT/cache_CLIPS.log says how long it took).
 set -uo pipefail
 PY=${PYTHON:-python3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,6 +44,19 @@ for spec in "$@"; do  # the clips, once per count, before any arm starts
   echo "$clips clips in $(( $(date +%s) - T0 )) s"
 done
 
+if [ "${CACHED:-0}" = 1 ]; then  # the feature caches, once per count, before any arm starts
+  for spec in "$@"; do
+    IFS=: read -r name clips layers <<< "$spec"
+    [ -f "$WORK/cache_$clips/cache_index.json" ] && continue
+    builder="$WORK/cache_base_$clips"
+    rm -rf "$builder"; cp -r "$BASE" "$builder"; mkdir -p "$builder/data"; ln -s "$WORK/clips_$clips" "$builder/data/train"
+    RUN=$builder CLIPS=$clips WORKERS=${WORKERS:-8} CACHE="$WORK/cache_$clips" CACHE_ONLY=1 \
+      bash "$ROOT/scripts/shapes_stage1_gpu.sh" > "$OUT/cache_$clips.log" 2>&1 \
+      || { echo "the feature cache failed: $OUT/cache_$clips.log" >&2; exit 1; }
+    echo "cache of $clips clips in $(( $(date +%s) - T0 )) s"
+  done
+fi
+
 arm() {  # NAME CLIPS [LAYERS]
   local name=$1 clips=$2 layers=${3:-} run="$WORK/$1" log="$OUT/$1.log" mins
   rm -rf "$run"; cp -r "$BASE" "$run"; mkdir -p "$run/data"; ln -s "$WORK/clips_$clips" "$run/data/train"
@@ -51,8 +67,10 @@ arm() {  # NAME CLIPS [LAYERS]
   fi
   mins=$("$PY" -c "import sys, time; print(round(max(0.2, (float(sys.argv[1]) - time.time() - 60) / 60), 2))" \
     $(( T0 + END_S )))
-  echo "$name: $clips clips${layers:+, $layers blocks}; training for $mins min from $(( $(date +%s) - T0 )) s" >> "$log"
-  RUN=$run CLIPS=$clips WORKERS=${WORKERS:-8} MINUTES=$mins bash "$ROOT/scripts/shapes_stage1_gpu.sh" >> "$log" 2>&1 \
+  echo "$name: $clips clips${layers:+, $layers blocks}${CACHED:+ (CACHED=$CACHED)}; training for $mins min from $(( $(date +%s) - T0 )) s" >> "$log"
+  local cache=""; [ "${CACHED:-0}" = 1 ] && cache="$WORK/cache_$clips"
+  RUN=$run CLIPS=$clips WORKERS=${WORKERS:-8} MINUTES=$mins CACHE=$cache \
+    bash "$ROOT/scripts/shapes_stage1_gpu.sh" >> "$log" 2>&1 \
     || { echo "$name: training failed" >> "$log"; return 1; }
   "$PY" - "$run/stage1" "$OUT/$name" "${RAW:-1}" >> "$log" 2>&1 <<'EOF'
 import sys

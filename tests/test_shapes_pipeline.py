@@ -1156,6 +1156,39 @@ def test_stage1_gpu_arms_script_trains_runs_side_by_side_and_writes_bundle_ready
 
 
 @pytest.mark.slow
+def test_stage1_gpu_arms_share_one_feature_cache_with_cached_1(tiny_run, tmp_path):
+    """CACHED=1: one feature cache per clip count, built once before the arms (scripts/shapes_stage1_gpu.sh
+    CACHE, CACHE_ONLY), and every arm of that count trains from it instead of encoding its own batches."""
+    import subprocess
+
+    from sama_core.loading import load_dit
+    from train.config import load_config
+    base = tmp_path / "base"
+    init = gpu_script_run_folder(tiny_run, base)
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, OUT=str(out), WORK=str(work), BATCH="2", WORKERS="1", GEN_WORKERS="1", LR="1e-3",
+               EMA="0.9", EXTRA="optim.warmup_steps=0", PYTHON=sys.executable, CACHED="1", CACHE_BATCH="3")
+    script = os.path.join(REPO, "scripts", "shapes_stage1_gpu_arms.sh")
+    done = subprocess.run(["bash", script, str(base), "1", "a:2", "b:2"], env=env, capture_output=True, text=True,
+                          timeout=900)
+    logs = {name: (out / f"{name}.log").read_text() for name in ("a", "b")}
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + str(logs)
+    assert done.stdout.count("cache of 2 clips in") == 1 and "cache built in" in (out / "cache_2.log").read_text()
+    cache = work / "cache_2"
+    index = json.loads((cache / "cache_index.json").read_text())
+    rows = sum(len((work / "clips_2" / f).read_text().splitlines()) for f in ("video_edits.jsonl", "image_edits.jsonl"))
+    assert len(index["samples"]) == rows and index["skipped"] == []  # every row once (the manifest repeats edits)
+    start = load_dit(init, dtype=torch.float16).state_dict()
+    for name in ("a", "b"):
+        cfg = load_config(work / name / "stage1_gpu.yaml")
+        assert cfg.resolve_path(cfg.data.cache_dir) == cache.resolve() and cfg.data.cache_encode_batch == 3
+        assert "feature cache of the clips" not in logs[name]  # used, not rebuilt
+        assert "train.max_minutes (0.2) spent" in logs[name]
+        ema = load_dit(out / f"{name}_ema.safetensors").state_dict()
+        assert any((ema[k] != start[k]).any() for k in start)
+
+
+@pytest.mark.slow
 def test_tiny_tokenizer_covers_the_held_out_instructions(tiny_run):
     import sentencepiece
 

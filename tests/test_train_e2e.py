@@ -166,6 +166,79 @@ def test_cache_skips_and_reports_a_corrupt_video(ws, tmp_path):
     assert len(index["skipped"]) == 1 and "m.jsonl:2" in index["skipped"][0]
 
 
+
+def _cache_tensors(cache) -> dict:
+    index = json.loads((cache / CACHE_INDEX).read_text())
+    out = {}
+    for s in index["samples"]:
+        with safe_open(str(cache / s["shard"]), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(f"{s['id']}/")})
+    return out
+
+
+def test_cache_with_decoding_workers_and_larger_encoder_batches_holds_the_same_features(ws, tmp_path, monkeypatch):
+    """data.num_workers decodes in loader processes and data.cache_encode_batch sets clips per VAE call (the
+    chunk limits scale with it); prompts and anchors of a chunk are encoded together. Raw videos (a target and
+    three perturbed sources each), image and video edits: the same samples and tensors as the defaults."""
+    picks = subset(ws, tmp_path, raw=[0, 1], images=[0, 1], edits=[0, 1, 2])
+    default = build_cache(config(ws, "config_stage0_cached", f"data.cache_dir={tmp_path / 'a'}", picks))
+    workers = []
+    original = cache_module.decoded_samples
+
+    def recording(dataset, indices, seed, pretexts, n=0):
+        workers.append(n)
+        return original(dataset, indices, seed, pretexts, n)
+
+    monkeypatch.setattr(cache_module, "decoded_samples", recording)
+    text_calls = []
+    from train.features import FeatureEncoders
+    text_rows = FeatureEncoders.text_rows
+    monkeypatch.setattr(FeatureEncoders, "text_rows", lambda self, p: text_calls.append(len(p)) or text_rows(self, p))
+    batched = build_cache(config(ws, "config_stage0_cached", f"data.cache_dir={tmp_path / 'b'}", picks,
+                                 "data.num_workers=2", "data.cache_encode_batch=16"))
+    assert workers and set(workers) == {2}
+    # one text-encoder call per shard (this config's shards hold 4 samples): 2 raw videos x 4 pretext prompts
+    # + 2 image edits, then 3 video edits; then the negative prompt
+    assert text_calls == [2 * 4 + 2, 3, 1]
+    a, b = json.loads((default / CACHE_INDEX).read_text()), json.loads((batched / CACHE_INDEX).read_text())
+    assert a["samples"] == b["samples"] and a["skipped"] == b["skipped"] == []
+    ta, tb = _cache_tensors(default), _cache_tensors(batched)
+    assert ta.keys() == tb.keys() and any(k.endswith("/semantic") for k in ta)
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_a_sample_that_fails_in_a_decoding_worker_is_skipped_and_reported(ws, tmp_path, monkeypatch):
+    real = cache_module.decode_sample
+
+    def failing(dataset, index, seed, pretexts):
+        if index == 1:
+            raise ValueError("unreadable frames")
+        return real(dataset, index, seed, pretexts)
+
+    monkeypatch.setattr(cache_module, "decode_sample", failing)  # workers are forked: they see it too
+    cfg = config(ws, "config_stage0_cached", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=2",
+                 subset(ws, tmp_path, images=[0, 1, 2]))
+    index = json.loads((build_cache(cfg) / CACHE_INDEX).read_text())
+    assert [s["id"] for s in index["samples"]] == [0, 2]
+    assert len(index["skipped"]) == 1 and "unreadable frames" in index["skipped"][0]
+
+
+def test_encode_limits_scale_with_the_clips_per_call_and_refuse_none(ws):
+    default = cache_module.encode_limits()
+    assert (default.clips_per_call, default.chunk_samples) == (cache_module.ENCODE_BATCH, cache_module.ENCODE_CHUNK)
+    big = cache_module.encode_limits(64)
+    assert big.clips_per_call == 64 and big.voxels_per_call == 64 * 17 * 64 * 64
+    assert big.chunk_samples == 8 * cache_module.ENCODE_CHUNK and big.chunk_bytes == 8 * cache_module.CHUNK_BYTES
+    assert big.memo_size >= 2 * big.chunk_samples
+    small = cache_module.encode_limits(2)  # fewer clips per call; chunks never below the defaults
+    assert small.voxels_per_call == 2 * 17 * 64 * 64 and small.chunk_samples == cache_module.ENCODE_CHUNK
+    with pytest.raises(ValueError, match="data.cache_encode_batch must be a positive integer, got 0"):
+        config(ws, "config_stage0_cached", "data.cache_encode_batch=0")
+    with pytest.raises(ValueError, match="data.cache_encode_batch is 0: give at least 1"):
+        cache_module.encode_limits(0)
+
+
 # ---------------------------------------------------------------------------------------- training
 
 def test_stage0_then_stage1_through_the_cli_from_raw_data(ws, capsys):

@@ -28,6 +28,7 @@ which cached source (and task-token prompt) to use, and "none" uses no source.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -65,6 +66,39 @@ ENCODE_VOXELS = 8 * 17 * 64 * 64
 ENCODE_CHUNK = 32
 CHUNK_BYTES = 256 * 2**20
 LATENT_MEMO_SIZE = 64  # latents of recent distinct clips, kept across chunks
+# Prompts per text-encoder call and anchor frames per SigLIP call: a chunk's prompts and anchors go through
+# their encoders together (one call per sample cost 4.1 + 2.3 ms per sample on 2 CPU cores, session 18; on a
+# GPU each call is a few ms of kernel launches whatever its size). Capped so that a big text encoder
+# (UMT5-XXL, 512 tokens a prompt) holds a bounded batch.
+TEXT_BATCH = 32
+ANCHOR_BATCH = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeLimits:
+    """What one round of cache encoding holds: clips per VAE call (and frame voxels per call, so large clips
+    go alone), and samples / decoded bytes per chunk."""
+    clips_per_call: int
+    voxels_per_call: int
+    chunk_samples: int
+    chunk_bytes: int
+
+    @property
+    def memo_size(self) -> int:
+        return max(LATENT_MEMO_SIZE, 2 * self.chunk_samples)
+
+
+def encode_limits(clips_per_call: Optional[int] = None) -> EncodeLimits:
+    """The module's limits (measured on 2 CPU cores), or, for `data.cache_encode_batch`, that many 17x64x64
+    clips per VAE call with the voxel and chunk limits scaled alike (never below the defaults). A GPU wants
+    far more than 8: session 9 found the tiny Wan VAE's step bound by its operator count, not by the batch."""
+    if clips_per_call is None:
+        return EncodeLimits(ENCODE_BATCH, ENCODE_VOXELS, ENCODE_CHUNK, CHUNK_BYTES)
+    if clips_per_call < 1:
+        raise SamaInputError(f"data.cache_encode_batch is {clips_per_call}: give at least 1 clip per VAE call")
+    scale = max(1.0, clips_per_call / ENCODE_BATCH)
+    return EncodeLimits(clips_per_call, max(1, ENCODE_VOXELS * clips_per_call // ENCODE_BATCH),
+                        int(ENCODE_CHUNK * scale), int(CHUNK_BYTES * scale))
 
 
 def shard_name(number: int) -> str:
@@ -98,12 +132,13 @@ def _frames_key(frames: torch.Tensor) -> str:
 
 class LatentBatcher:
     """VAE latents of many clips at once: each distinct clip (by frame digest) is encoded once, up to
-    ENCODE_BATCH clips of one shape per VAE call (and ENCODE_VOXELS frame voxels), and the latents of the
-    last LATENT_MEMO_SIZE distinct clips are remembered (a clip with several edits, as SAMA-Shapes' five,
-    has its source encoded once even when a chunk boundary falls between its edits)."""
+    `limits.clips_per_call` clips of one shape per VAE call (and `voxels_per_call` frame voxels), and the
+    latents of the last `limits.memo_size` distinct clips are remembered (a clip with several edits, as
+    SAMA-Shapes' five, has its source encoded once even when a chunk boundary falls between its edits)."""
 
-    def __init__(self, encoders: FeatureEncoders, memo_size: int = LATENT_MEMO_SIZE):
-        self.encoders, self.memo_size, self.memo = encoders, memo_size, {}
+    def __init__(self, encoders: FeatureEncoders, limits: Optional[EncodeLimits] = None):
+        self.encoders, self.limits, self.memo = encoders, limits or encode_limits(), {}
+        self.memo_size = self.limits.memo_size
 
     def encode(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
         """[(3, F, H, W) in [-1, 1]] -> [(16, T, h, w)] normalised latents, in order (shared tensors for
@@ -118,7 +153,8 @@ class LatentBatcher:
         for key, clip in pending.items():
             by_shape.setdefault(tuple(clip.shape), []).append(key)
         for shape, same_shape in by_shape.items():
-            per_call = max(1, min(ENCODE_BATCH, ENCODE_VOXELS // math.prod(shape[1:])))
+            per_call = max(1, min(self.limits.clips_per_call,
+                                  self.limits.voxels_per_call // math.prod(shape[1:])))
             for i in range(0, len(same_shape), per_call):
                 part = same_shape[i:i + per_call]
                 latents = self.encoders.latents(torch.stack([pending[k] for k in part]))
@@ -152,27 +188,50 @@ def decode_sample(dataset: RawMediaDataset, index: int, seed: int, pretexts: lis
     return {"index": index, "sample": sample, "raw": raw, "loaded": loaded, "clips": clips}
 
 
-def sample_features(dataset: RawMediaDataset, encoders: FeatureEncoders, decoded: dict, latents: dict,
-                    pretexts: list[str], store: torch.dtype) -> tuple[dict, dict]:
-    """Tensors ("<what>" names) and metadata of one decoded sample, given its clips' latents."""
-    sample, loaded = decoded["sample"], decoded["loaded"]
-    tensors = {name: lat.clone() for name, lat in latents.items()}  # safetensors wants one storage per name
+def _prompts_of(dataset: RawMediaDataset, decoded: dict, pretexts: list[str]) -> dict[str, str]:
+    """The cached text rows a sample needs: "text/<pretext>" per pretext (raw videos) or "text" (edits)."""
     if decoded["raw"]:
-        prompts = {p: prompt_for(sample, p, dataset.cfg.edit_prefix) for p in pretexts}
-        for p, rows in zip(prompts, encoders.text_rows(list(prompts.values())), strict=True):
-            tensors[f"text/{p}"] = rows
-    else:
-        tensors["text"] = encoders.text_rows([loaded["prompt"]])[0]
-    if loaded.get("keep") is not None:
-        tensors["keep"] = latent_grid_mask(loaded["keep"][None], tensors["target"].shape[1:])[0]
-    if loaded["anchors"] is not None:
-        tensors["semantic"] = encoders.anchor_tokens(loaded["anchors"][None])[0]
-    tensors = {k: v.detach().to("cpu", store).contiguous() for k, v in tensors.items()}
-    valid = int(valid_latent_frames(torch.tensor([loaded["valid_frames"]]))[0])
-    meta = {"kind": sample.row.kind, "bucket": sample.bucket.key, "valid_latent_frames": valid,
-            "latent_frames": latent_frames_of(sample.bucket.frames), "where": sample.row.where,
-            "pretexts": pretexts if decoded["raw"] else [], "keep": "keep" in tensors}
-    return tensors, meta
+        return {f"text/{p}": prompt_for(decoded["sample"], p, dataset.cfg.edit_prefix) for p in pretexts}
+    return {"text": decoded["loaded"]["prompt"]}
+
+
+def chunk_features(dataset: RawMediaDataset, encoders: FeatureEncoders, chunk: list[dict],
+                   latents: list[dict], pretexts: list[str], store: torch.dtype) -> list[tuple[dict, dict]]:
+    """Tensors ("<what>" names) and metadata of each decoded sample of a chunk, given its clips' latents.
+    The chunk's prompts go through the text encoder TEXT_BATCH at a time and its anchor frames through SigLIP
+    ANCHOR_BATCH at a time (frames of one shape per call), not one call per sample."""
+    tensors = [{name: lat.clone() for name, lat in lat_of.items()} for lat_of in latents]  # one storage each
+    wanted = [(i, name, prompt) for i, d in enumerate(chunk)
+              for name, prompt in _prompts_of(dataset, d, pretexts).items()]
+    for start in range(0, len(wanted), TEXT_BATCH):
+        part = wanted[start:start + TEXT_BATCH]
+        for (i, name, _), rows in zip(part, encoders.text_rows([p for _, _, p in part]), strict=True):
+            tensors[i][name] = rows
+    by_shape: dict[tuple, list[int]] = {}
+    for i, d in enumerate(chunk):
+        anchors = d["loaded"]["anchors"]
+        if anchors is not None:
+            by_shape.setdefault(tuple(anchors.shape), []).append(i)
+    for shape, members in by_shape.items():
+        per_call = max(1, ANCHOR_BATCH // shape[0])  # shape[0]: anchor frames per sample
+        for start in range(0, len(members), per_call):
+            part = members[start:start + per_call]
+            stacked = torch.stack([chunk[i]["loaded"]["anchors"] for i in part])  # (B, N, H, W, 3)
+            for i, tokens in zip(part, encoders.anchor_tokens(stacked), strict=True):
+                tensors[i]["semantic"] = tokens
+    out = []
+    for d, parts in zip(chunk, tensors, strict=True):
+        loaded = d["loaded"]
+        if loaded.get("keep") is not None:
+            parts["keep"] = latent_grid_mask(loaded["keep"][None], parts["target"].shape[1:])[0]
+        parts = {k: v.detach().to("cpu", store).contiguous() for k, v in parts.items()}
+        sample = d["sample"]
+        valid = int(valid_latent_frames(torch.tensor([loaded["valid_frames"]]))[0])
+        meta = {"kind": sample.row.kind, "bucket": sample.bucket.key, "valid_latent_frames": valid,
+                "latent_frames": latent_frames_of(sample.bucket.frames), "where": sample.row.where,
+                "pretexts": pretexts if d["raw"] else [], "keep": "keep" in parts}
+        out.append((parts, meta))
+    return out
 
 
 def save_shard(path: Path, number: int, entries: list[tuple[int, dict, dict]], skipped: list[str]) -> None:
@@ -187,34 +246,73 @@ def save_shard(path: Path, number: int, entries: list[tuple[int, dict, dict]], s
                                  "shard": str(number)})
 
 
+class _DecodeJobs(torch.utils.data.Dataset):
+    """decode_sample for a DataLoader: each item is a decoded sample, or {"index", "error"} when it failed
+    (a worker must not raise: the failure is reported and the sample skipped, as in one process)."""
+
+    def __init__(self, dataset: RawMediaDataset, indices: list[int], seed: int, pretexts: list[str]):
+        self.dataset, self.indices, self.seed, self.pretexts = dataset, indices, seed, pretexts
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        index = self.indices[i]
+        try:
+            return decode_sample(self.dataset, index, derive_seed(self.seed, "cache", index), self.pretexts)
+        except LOAD_ERRORS as e:
+            return {"index": index, "error": str(e)}
+
+
+def _as_is(item):
+    return item
+
+
+def decoded_samples(dataset: RawMediaDataset, indices: list[int], seed: int, pretexts: list[str],
+                    workers: int = 0):
+    """The samples of `indices` decoded in order: in this process, or in `workers` loader processes (the
+    frames are decoded on the CPU while this process encodes the previous chunk, e.g. on a GPU)."""
+    jobs = _DecodeJobs(dataset, indices, seed, pretexts)
+    if workers <= 0:
+        yield from (jobs[i] for i in range(len(jobs)))
+        return
+    yield from torch.utils.data.DataLoader(jobs, batch_size=None, num_workers=workers, collate_fn=_as_is)
+
+
 def write_shard(dataset, encoders, number: int, indices: list[int], path: Path, seed: int,
-                pretexts: list[str], store: torch.dtype) -> dict:
-    """Encode a shard's samples a chunk at a time (ENCODE_CHUNK samples, CHUNK_BYTES of frames): decode them
-    (a sample that fails to decode is skipped and reported), encode all their clips in batched VAE calls,
-    then the text and anchors."""
+                pretexts: list[str], store: torch.dtype, limits: Optional[EncodeLimits] = None,
+                workers: int = 0) -> dict:
+    """Encode a shard's samples a chunk at a time (`limits`: samples and bytes of decoded frames per chunk):
+    decode them (a sample that fails to decode is skipped and reported), encode all their clips in batched
+    VAE calls, then their prompts and anchors in batched calls."""
+    limits = limits or encode_limits()
     entries, skipped = [], []
-    batcher = LatentBatcher(encoders)
-    pending = list(indices)
-    while pending:
-        decoded, held = [], 0
-        while pending and len(decoded) < ENCODE_CHUNK and held < CHUNK_BYTES:
-            index = pending.pop(0)
-            try:
-                decoded.append(decode_sample(dataset, index, derive_seed(seed, "cache", index), pretexts))
-            except LOAD_ERRORS as e:
-                where = dataset.index.samples[index].row.where
-                skipped.append(f"{where}: {e}")
-                log.warning("cache: skipped %s (%s)", where, e)
-                continue
-            held += sum(c.numel() * c.element_size() for c in decoded[-1]["clips"].values())
-        names = [(d, name) for d in decoded for name in d["clips"]]
+    batcher = LatentBatcher(encoders, limits)
+
+    def encode(chunk: list[dict]) -> None:
+        names = [(d, name) for d in chunk for name in d["clips"]]
         latents = batcher.encode([d["clips"][name] for d, name in names])
         per_sample: dict[int, dict] = {}
         for (d, name), lat in zip(names, latents, strict=True):
             per_sample.setdefault(d["index"], {})[name] = lat
-        for d in decoded:
-            parts, meta = sample_features(dataset, encoders, d, per_sample[d["index"]], pretexts, store)
-            entries.append((d["index"], parts, meta))
+        features = chunk_features(dataset, encoders, chunk, [per_sample[d["index"]] for d in chunk], pretexts,
+                                  store)
+        entries.extend((d["index"], parts, meta) for d, (parts, meta) in zip(chunk, features, strict=True))
+
+    chunk, held = [], 0
+    for decoded in decoded_samples(dataset, indices, seed, pretexts, workers):
+        if "error" in decoded:
+            where = dataset.index.samples[decoded["index"]].row.where
+            skipped.append(f"{where}: {decoded['error']}")
+            log.warning("cache: skipped %s (%s)", where, decoded["error"])
+            continue
+        chunk.append(decoded)
+        held += sum(c.numel() * c.element_size() for c in decoded["clips"].values())
+        if len(chunk) >= limits.chunk_samples or held >= limits.chunk_bytes:
+            encode(chunk)
+            chunk, held = [], 0
+    if chunk:
+        encode(chunk)
     save_shard(path, number, entries, skipped)
     return {"samples": len(entries), "skipped": len(skipped)}
 
@@ -280,10 +378,11 @@ def build_cache(cfg, accelerator=None, progress: bool = True) -> Path:
         dataset = RawMediaDataset(index, cfg.data)
         pretexts = pretext_names_in(cfg.data.pretext_mix)
         store = DTYPES[cfg.data.cache_dtype]
+        limits = encode_limits(cfg.data.cache_encode_batch)
         bar = _progress(len(todo), progress and rank == 0)
         for n in todo:
             stats = write_shard(dataset, encoders, n, shards[n], cache_dir / shard_name(n), cfg.seed, pretexts,
-                                store)
+                                store, limits, cfg.data.num_workers)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(stats)

@@ -65,6 +65,10 @@ class DataConfig:
     cache_dir: Optional[str] = None
     cache_dtype: str = "bf16"       # storage dtype of cached latents / text rows / anchor tokens
     cache_shard_size: int = 64      # samples per safetensors shard
+    # Clips per VAE call while caching (null: 8, measured on 2 CPU cores; train/cache.py encode_limits). On a
+    # GPU give more (e.g. 64): the Wan VAE's time there is in its operator count, not its batch. The cache
+    # decodes with data.num_workers loader processes.
+    cache_encode_batch: Optional[int] = None
     bucket_area: int = AREA_480P
     bucket_multiple: int = 32
     buckets: Optional[list] = None  # explicit [[width, height], ...]; default: sama_core's area buckets
@@ -400,6 +404,8 @@ def validate(cfg: TrainConfig) -> None:
                 "data.num_anchors": cfg.data.num_anchors, "data.cache_shard_size": cfg.data.cache_shard_size,
                 "checkpoint.keep": cfg.checkpoint.keep, "lora.rank": cfg.lora.rank,
                 "data.bucket_multiple": cfg.data.bucket_multiple, "log.every": cfg.log.every}
+    if cfg.data.cache_encode_batch is not None:
+        positive["data.cache_encode_batch"] = cfg.data.cache_encode_batch
     for name, value in positive.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise SamaInputError(f"{name} must be a positive integer, got {value!r}")
