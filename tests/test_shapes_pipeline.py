@@ -1189,6 +1189,34 @@ def test_stage1_gpu_arms_share_one_feature_cache_with_cached_1(tiny_run, tmp_pat
 
 
 @pytest.mark.slow
+def test_gpu_throughput_check_times_the_cache_and_raw_against_cached_steps(tiny_run, tmp_path):
+    """scripts/gpu_throughput_check.sh (the measurement to run first on a lease) at toy size on CPU: every part
+    runs and the summary names the clips, the cache, both encode batch sizes and both step sources."""
+    import subprocess
+    base = tmp_path / "base"
+    gpu_script_run_folder(tiny_run, base)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), WORK=str(tmp_path / "work"), CLIPS="2", SAMPLES="3", BATCH="2",
+               BATCHES="1", CACHE_BATCH="2", WORKERS="1", GEN_WORKERS="1", PYTHON=sys.executable)
+    script = os.path.join(REPO, "scripts", "gpu_throughput_check.sh")
+    done = subprocess.run(["bash", script, str(base)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    summary = done.stdout.split("== summary", 1)[1].splitlines()
+    assert summary[1].startswith("clips: 2 in ")
+    rows = sum(len((tmp_path / "work" / "throughput" / "data" / "train" / f).read_text().splitlines())
+               for f in ("video_edits.jsonl", "image_edits.jsonl"))
+    assert summary[2].startswith(f"cache: {rows} samples in ")
+    assert [line.split()[0] for line in summary[3:5]] == ["8", "2"]  # clips per VAE call
+    assert [line.split(":")[0] for line in summary[5:7]] == ["raw", "cached"]
+    assert all("samples/s" in line for line in summary[5:7])
+    cached = (out / "step_cached.txt").read_text()
+    assert float(cached.split("encoders")[1].split("ms/batch")[0]) == 0.0  # nothing encoded from the cache
+    assert (out / "throughput.log").read_text().count("== summary") == 1
+    missing = subprocess.run(["bash", script, str(tmp_path / "nothing")], env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "missing" in missing.stderr
+
+
+@pytest.mark.slow
 def test_tiny_tokenizer_covers_the_held_out_instructions(tiny_run):
     import sentencepiece
 
