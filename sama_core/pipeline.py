@@ -25,7 +25,7 @@ from .errors import SamaFileNotFoundError, SamaInputError
 from .flowedit import resolve_flowedit
 from .loading import load_dit, merge_lora
 from .pretext import blank_frames
-from .region import check_pixel_mask, composite, latent_region
+from .region import check_pixel_mask, composite, latent_region, scale_mask
 from .sampler import SampleResult, SamplerOptions, StepInfo, sample
 from .text import load_text_encoder
 from .vae import WanVAE
@@ -265,7 +265,7 @@ class SamaPipeline:
         settings = settings or EditSettings()
         frames, info = vio.read_media(video_path, frame_range=settings.frame_range, stride=settings.stride,
                                       max_frames=settings.max_frames)
-        mask = read_mask(settings, frames.shape[0]) if settings.mask else None
+        mask = read_mask(settings, *frames.shape[:3]) if settings.mask else None
         edited, _ = self.edit_frames(frames, instruction, settings, options, callback, should_interrupt, mask=mask)
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,18 +292,20 @@ def fit_mask(mask: torch.Tensor, plan: vio.ResizePlan) -> torch.Tensor:
     return vio.apply_resize(mask[..., None].expand(*mask.shape, 3).contiguous(), plan)[..., 0].clamp(0, 1)
 
 
-def read_mask(settings: EditSettings, frames: int) -> torch.Tensor:
+def read_mask(settings: EditSettings, frames: int, height: int, width: int) -> torch.Tensor:
     """settings.mask (an image for every frame, or a video read with the source's frame range and stride)
-    -> (F, H, W) in [0, 1]: the mean of the channels, so white = may change."""
+    -> (F, H, W) in [0, 1] at the source's size: the mean of the channels, so white = may change. A mask of
+    the source's aspect ratio at another size is scaled to it (region.scale_mask)."""
+    name = f"the mask {settings.mask}"
     if Path(settings.mask).suffix.lower() in vio.IMAGE_EXTENSIONS:
         image, _ = vio.read_image(settings.mask)
-        return image.mean(-1)  # (1, H, W)
+        return scale_mask(image.mean(-1), height, width, name)  # (1, H, W)
     video, _ = vio.read_video(settings.mask, frame_range=settings.frame_range, stride=settings.stride,
                               max_frames=settings.max_frames)
     if video.shape[0] != frames:
         raise SamaInputError(f"the mask video {settings.mask} has {video.shape[0]} frames where the source has "
                              f"{frames}: give a mask video of the source's length, or one mask image")
-    return video.mean(-1)
+    return scale_mask(video.mean(-1), height, width, name)
 
 
 def check_widths(dit, text_encoder, anchor_encoder):

@@ -12,6 +12,7 @@ Masks are pixel masks in [0, 1] (1 = may change): (H, W) for every frame or (F, 
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 
 from .errors import SamaInputError
 from .scheduler import add_noise
+
+log = logging.getLogger(__name__)
 
 VAE_TIME_STRIDE = 4  # Wan VAE: latent frame 0 <- frame 0, latent frame t <- frames 4t-3 .. 4t
 
@@ -44,6 +47,26 @@ def check_pixel_mask(mask: torch.Tensor, frames: int, height: int, width: int, n
     if mask.max() == 0:
         raise SamaInputError(f"{name} is empty: nothing may change. Paint the region to edit in white")
     return mask
+
+
+ASPECT_TOLERANCE = 0.01  # a mask whose width / height is within 1% of the video's is the same picture
+
+
+def scale_mask(mask: torch.Tensor, height: int, width: int, name: str = "mask") -> torch.Tensor:
+    """(..., h, w) in [0, 1] -> (..., height, width): a mask painted at another resolution of the same picture
+    (aspect ratio within 1% of the video's) is scaled (bilinear, antialiased when shrinking); a mask of
+    another shape is refused, since stretching it would move the region. ComfyUI's nodes stretch any mask,
+    as ComfyUI's own mask consumers do (nodes/sampler.py); files given to the CLI are checked here."""
+    h, w = mask.shape[-2:]
+    if (h, w) == (height, width):
+        return mask
+    if abs((w / h) / (width / height) - 1) > ASPECT_TOLERANCE:
+        raise SamaInputError(f"{name} is {w}x{h} but the video is {width}x{height}, another shape: give a mask "
+                             "of the video's size (a mask of its aspect ratio at another size is scaled)")
+    log.info("%s: %dx%d scaled to the video's %dx%d", name, w, h, width, height)
+    flat = mask.float().reshape(-1, 1, h, w)
+    scaled = F.interpolate(flat, size=(height, width), mode="bilinear", antialias=True).clamp(0, 1)
+    return scaled.reshape(*mask.shape[:-2], height, width)
 
 
 def latent_grid(mask: torch.Tensor, latent_size, what: str = "the mask") -> torch.Tensor:

@@ -8,7 +8,7 @@ from PIL import Image
 from sama_core.__main__ import main as cli
 from sama_core.errors import SamaInputError
 from sama_core.pipeline import EditSettings
-from sama_core.region import check_pixel_mask, composite, latent_region
+from sama_core.region import check_pixel_mask, composite, latent_region, scale_mask
 from sama_core.sampler import SamplerOptions, initial_noise, sample
 from sama_core.scheduler import flow_sigmas
 from sama_core.video import read_video, write_video
@@ -153,6 +153,39 @@ def test_cli_mask_image_keeps_every_pixel_outside_it(bundle, tmp_path):
     assert np.abs(edited[mask == 255].astype(int) - source[mask == 255]).mean() > 2
 
 
+def test_a_mask_of_the_videos_aspect_ratio_is_scaled_and_another_shape_refused(caplog):
+    caplog.set_level("INFO", logger="sama_core.region")
+    mask = torch.zeros(2, 16, 24)
+    mask[:, 4:12, 8:16] = 1.0
+    up = scale_mask(mask, 32, 48, "the mask m.png")
+    assert up.shape == (2, 32, 48)
+    assert torch.equal(up[:, 10:22, 18:30], torch.ones(2, 12, 12))  # well inside the region
+    assert torch.equal(up[:, :6], torch.zeros(2, 6, 48)) and torch.equal(up[:, :, :14], torch.zeros(2, 32, 14))
+    assert "the mask m.png: 24x16 scaled to the video's 48x32" in caplog.text
+    down = scale_mask(up, 16, 24)
+    torch.testing.assert_close(down[:, 5:11, 9:15], torch.ones(2, 6, 6))
+    assert scale_mask(mask, 16, 24) is mask  # the video's size: as it is
+    assert scale_mask(torch.ones(1, 128, 193), 64, 96).shape == (1, 64, 96)  # within 1% of the aspect ratio
+    with pytest.raises(SamaInputError, match="m.png is 24x24 but the video is 48x32, another shape: give a mask"):
+        scale_mask(torch.ones(24, 24), 32, 48, "the mask m.png")
+
+
+def test_cli_mask_at_half_the_videos_size_keeps_the_source_outside_it(bundle, tmp_path):
+    source = np.random.default_rng(1).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    Image.fromarray(source).save(tmp_path / "in.png")
+    half = np.zeros((16, 24), np.uint8)
+    half[2:10, 4:20] = 255
+    Image.fromarray(half).save(tmp_path / "half.png")
+    out = tmp_path / "out.png"
+    assert cli(["edit", "--model", str(bundle), "--video", str(tmp_path / "in.png"), "--prompt", "make it blue",
+                "--out", str(out), "--steps", "2", "--mask", str(tmp_path / "half.png")]) == 0
+    edited = np.asarray(Image.open(out).convert("RGB"))
+    far = np.ones((32, 48), bool)
+    far[1:23, 5:43] = False  # the scaled region (rows 4-19, columns 8-39) and its soft edge
+    assert np.array_equal(edited[far], source[far])
+    assert np.abs(edited[6:18, 10:38].astype(int) - source[6:18, 10:38]).mean() > 2
+
+
 def test_cli_mask_errors_name_the_mask_and_the_fix(bundle, tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     write_video(tmp_path / "in.mp4", torch.rand(9, 32, 48, 3, generator=g), 8)
@@ -161,7 +194,8 @@ def test_cli_mask_errors_name_the_mask_and_the_fix(bundle, tmp_path, capsys):
     Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "small.png")
     common = ["edit", "--model", str(bundle), "--video", str(tmp_path / "in.mp4"), "--prompt", "x", "--steps", "1"]
     for mask, message in (("mask.mp4", "has 5 frames where the source has 9"), ("black.png", "mask is empty"),
-                          ("small.png", "give a mask of the video's size"), ("none.png", "none.png")):
+                          ("small.png", "small.png is 16x16 but the video is 48x32, another shape"),
+                          ("none.png", "none.png")):
         assert cli([*common, "--out", str(tmp_path / "o.mp4"), "--mask", str(tmp_path / mask)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err

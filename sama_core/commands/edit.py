@@ -78,8 +78,8 @@ def register(sub):
     p.add_argument("--out", required=True, help="output .mp4 (or .png for an image)")
     p.add_argument("--anchor", help="an edited anchor frame (image) steering the edit; needs --siglip")
     p.add_argument("--anchor-strength", type=float, help="fraction of steps the anchor steers (0.5)")
-    p.add_argument("--mask", help="image or video of the source's size: white where the edit may change the "
-                                  "video; everything else stays the source")
+    p.add_argument("--mask", help="image or video of the source's size (or of its aspect ratio: scaled): white "
+                                  "where the edit may change the video; everything else stays the source")
     p.add_argument("--compare", action="store_true", help="also write a side-by-side source | edit video")
     add_sampling_args(p)
     p.set_defaults(func=run)
