@@ -9,7 +9,6 @@
 import logging
 
 import torch
-import torch.nn.functional as F
 
 import comfy.latent_formats
 import comfy.model_management
@@ -20,7 +19,7 @@ from comfy_api.latest import io
 
 from ..sama_core.anchors import SIGLIP_WIDTH
 from ..sama_core.errors import SamaInputError
-from ..sama_core.region import check_pixel_mask, latent_region
+from ..sama_core.region import check_pixel_mask, latent_region, resize_mask
 from ..sama_core.sampler import NUM_SEMANTIC_TOKENS, SamplerOptions, sample
 from ..sama_core.scheduler import anchor_sigma_cut, flow_sigmas
 from ..sama_core.video import next_4k_plus_1, pad_to_4k_plus_1
@@ -216,9 +215,7 @@ def _edit_region(mask: torch.Tensor, latent_shape) -> torch.Tensor:
     mask = mask.float().cpu()
     if mask.ndim in (2, 3) and tuple(mask.shape[-2:]) != (8 * h, 8 * w):
         log.info("SAMA: mask %dx%d stretched to the video's %dx%d", mask.shape[-1], mask.shape[-2], 8 * w, 8 * h)
-        flat = mask.reshape(-1, 1, *mask.shape[-2:])
-        stretched = F.interpolate(flat, size=(8 * h, 8 * w), mode="bilinear").clamp(0, 1)
-        mask = stretched.reshape(*mask.shape[:-2], 8 * h, 8 * w)
+        mask = resize_mask(mask, 8 * h, 8 * w)
     frames = 4 * (t - 1) + 1
     if mask.ndim == 3 and 1 < mask.shape[0] < frames and next_4k_plus_1(mask.shape[0]) == frames:
         mask, _ = pad_to_4k_plus_1(mask)  # one mask per frame of the video before SAMA Frames To 4k+1 padded it

@@ -64,9 +64,15 @@ def scale_mask(mask: torch.Tensor, height: int, width: int, name: str = "mask") 
         raise SamaInputError(f"{name} is {w}x{h} but the video is {width}x{height}, another shape: give a mask "
                              "of the video's size (a mask of its aspect ratio at another size is scaled)")
     log.info("%s: %dx%d scaled to the video's %dx%d", name, w, h, width, height)
-    flat = mask.float().reshape(-1, 1, h, w)
-    scaled = F.interpolate(flat, size=(height, width), mode="bilinear", antialias=True).clamp(0, 1)
-    return scaled.reshape(*mask.shape[:-2], height, width)
+    return resize_mask(mask, height, width, antialias=True)
+
+
+def resize_mask(mask: torch.Tensor, height: int, width: int, antialias: bool = False) -> torch.Tensor:
+    """(..., h, w) -> (..., height, width) float in [0, 1], bilinear, whatever the aspect ratio (the checks are
+    the caller's: scale_mask for files, the nodes stretch as ComfyUI does)."""
+    flat = mask.float().reshape(-1, 1, *mask.shape[-2:])
+    resized = F.interpolate(flat, size=(height, width), mode="bilinear", antialias=antialias).clamp(0, 1)
+    return resized.reshape(*mask.shape[:-2], height, width)
 
 
 def latent_grid(mask: torch.Tensor, latent_size, what: str = "the mask") -> torch.Tensor:

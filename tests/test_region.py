@@ -139,16 +139,22 @@ def pipe_fitted(frames):
     return vio.fit_frames(frames, width=64, height=48)[0]
 
 
-def test_cli_mask_image_keeps_every_pixel_outside_it(bundle, tmp_path):
-    source = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+def cli_edit_with_mask_image(bundle, tmp_path, seed: int, mask: np.ndarray):
+    """A random 48x32 source image edited through the CLI with `mask` (uint8) as its --mask image:
+    (source, edited) as uint8 arrays."""
+    source = np.random.default_rng(seed).integers(0, 256, (32, 48, 3), dtype=np.uint8)
     Image.fromarray(source).save(tmp_path / "in.png")
-    mask = np.zeros((32, 48), np.uint8)
-    mask[4:20, 8:40] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
     out = tmp_path / "out.png"
     assert cli(["edit", "--model", str(bundle), "--video", str(tmp_path / "in.png"), "--prompt", "make it blue",
                 "--out", str(out), "--steps", "2", "--mask", str(tmp_path / "mask.png")]) == 0
-    edited = np.asarray(Image.open(out).convert("RGB"))
+    return source, np.asarray(Image.open(out).convert("RGB"))
+
+
+def test_cli_mask_image_keeps_every_pixel_outside_it(bundle, tmp_path):
+    mask = np.zeros((32, 48), np.uint8)
+    mask[4:20, 8:40] = 255
+    source, edited = cli_edit_with_mask_image(bundle, tmp_path, 0, mask)
     assert np.array_equal(edited[mask == 0], source[mask == 0])
     assert np.abs(edited[mask == 255].astype(int) - source[mask == 255]).mean() > 2
 
@@ -171,15 +177,9 @@ def test_a_mask_of_the_videos_aspect_ratio_is_scaled_and_another_shape_refused(c
 
 
 def test_cli_mask_at_half_the_videos_size_keeps_the_source_outside_it(bundle, tmp_path):
-    source = np.random.default_rng(1).integers(0, 256, (32, 48, 3), dtype=np.uint8)
-    Image.fromarray(source).save(tmp_path / "in.png")
     half = np.zeros((16, 24), np.uint8)
     half[2:10, 4:20] = 255
-    Image.fromarray(half).save(tmp_path / "half.png")
-    out = tmp_path / "out.png"
-    assert cli(["edit", "--model", str(bundle), "--video", str(tmp_path / "in.png"), "--prompt", "make it blue",
-                "--out", str(out), "--steps", "2", "--mask", str(tmp_path / "half.png")]) == 0
-    edited = np.asarray(Image.open(out).convert("RGB"))
+    source, edited = cli_edit_with_mask_image(bundle, tmp_path, 1, half)
     far = np.ones((32, 48), bool)
     far[1:23, 5:43] = False  # the scaled region (rows 4-19, columns 8-39) and its soft edge
     assert np.array_equal(edited[far], source[far])
