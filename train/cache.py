@@ -138,7 +138,6 @@ class LatentBatcher:
 
     def __init__(self, encoders: FeatureEncoders, limits: Optional[EncodeLimits] = None):
         self.encoders, self.limits, self.memo = encoders, limits or encode_limits(), {}
-        self.memo_size = self.limits.memo_size
 
     def encode(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
         """[(3, F, H, W) in [-1, 1]] -> [(16, T, h, w)] normalised latents, in order (shared tensors for
@@ -162,7 +161,7 @@ class LatentBatcher:
         for key in keys:  # newest last; the oldest leave first
             self.memo.pop(key, None)
             self.memo[key] = found[key]
-        while len(self.memo) > self.memo_size:
+        while len(self.memo) > self.limits.memo_size:
             self.memo.pop(next(iter(self.memo)))
         return [found[k] for k in keys]
 
