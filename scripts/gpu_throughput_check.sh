@@ -5,7 +5,8 @@
 #
 # BASE_RUN holds what scripts/shapes_stage1_gpu.sh needs (vae/final, encoders, init/sama_dit.safetensors).
 # In WORK/throughput (WORK defaults to /tmp) it
-#   1. generates CLIPS training clips (400; GEN_WORKERS=8 processes) and prepares the stage-1 config;
+#   1. generates CLIPS training clips (400) with WORKERS (8) processes and prepares the stage-1 config
+#      (scripts/shapes_stage1_gpu.sh PREPARE_ONLY=1);
 #   2. times the feature cache's encoding of SAMPLES samples (256) at 8 and CACHE_BATCH (64) clips per VAE call,
 #      decoded by WORKERS (8) processes (bench/cache_build.py);
 #   3. builds the whole cache of the clips (scripts/shapes_stage1_gpu.sh CACHE_ONLY=1) and times it;
@@ -33,9 +34,8 @@ rm -rf "$run"; cp -r "$BASE" "$run" || exit 1
 step() { echo "== $*"; }
 T=$(date +%s)
 step "1. $CLIPS clips"
-"$PY" -m train.synthetic --out "$run/data/train" --clips "$CLIPS" --seed 0 --split train --format npz \
-  --workers "${GEN_WORKERS:-8}" --overwrite > "$OUT/clips.log" 2>&1 || { echo "clip generation failed"; exit 1; }
-RUN=$run PREPARE_ONLY=1 BATCH=$BATCH WORKERS=$WORKERS bash "$ROOT/scripts/shapes_stage1_gpu.sh" || exit 1
+RUN=$run CLIPS=$CLIPS PREPARE_ONLY=1 BATCH=$BATCH WORKERS=$WORKERS bash "$ROOT/scripts/shapes_stage1_gpu.sh" \
+  > "$OUT/clips.log" 2>&1 || { echo "clip generation or the config failed: $OUT/clips.log"; exit 1; }
 CLIP_S=$(( $(date +%s) - T ))
 
 step "2. cache encoding, $SAMPLES samples"

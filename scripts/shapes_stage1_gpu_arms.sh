@@ -44,12 +44,16 @@ for spec in "$@"; do  # the clips, once per count, before any arm starts
   echo "$clips clips in $(( $(date +%s) - T0 )) s"
 done
 
+run_folder() {  # DEST CLIPS: a copy of BASE training on the clips of that count
+  rm -rf "$1"; cp -r "$BASE" "$1"; mkdir -p "$1/data"; ln -s "$WORK/clips_$2" "$1/data/train"
+}
+
 if [ "${CACHED:-0}" = 1 ]; then  # the feature caches, once per count, before any arm starts
   for spec in "$@"; do
     IFS=: read -r name clips layers <<< "$spec"
     [ -f "$WORK/cache_$clips/cache_index.json" ] && continue
     builder="$WORK/cache_base_$clips"
-    rm -rf "$builder"; cp -r "$BASE" "$builder"; mkdir -p "$builder/data"; ln -s "$WORK/clips_$clips" "$builder/data/train"
+    run_folder "$builder" "$clips"
     RUN=$builder CLIPS=$clips WORKERS=${WORKERS:-8} CACHE="$WORK/cache_$clips" CACHE_ONLY=1 \
       bash "$ROOT/scripts/shapes_stage1_gpu.sh" > "$OUT/cache_$clips.log" 2>&1 \
       || { echo "the feature cache failed: $OUT/cache_$clips.log" >&2; exit 1; }
@@ -59,7 +63,7 @@ fi
 
 arm() {  # NAME CLIPS [LAYERS]
   local name=$1 clips=$2 layers=${3:-} run="$WORK/$1" log="$OUT/$1.log" mins
-  rm -rf "$run"; cp -r "$BASE" "$run"; mkdir -p "$run/data"; ln -s "$WORK/clips_$clips" "$run/data/train"
+  run_folder "$run" "$clips"
   if [ -n "$layers" ]; then
     mv "$run/init/sama_dit.safetensors" "$run/init/trained.safetensors"
     "$PY" -m train.grow --dit "$run/init/trained.safetensors" --layers "$layers" \

@@ -1197,7 +1197,7 @@ def test_gpu_throughput_check_times_the_cache_and_raw_against_cached_steps(tiny_
     gpu_script_run_folder(tiny_run, base)
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), WORK=str(tmp_path / "work"), CLIPS="2", SAMPLES="3", BATCH="2",
-               BATCHES="1", CACHE_BATCH="2", WORKERS="1", GEN_WORKERS="1", PYTHON=sys.executable)
+               BATCHES="1", CACHE_BATCH="2", WORKERS="1", PYTHON=sys.executable)
     script = os.path.join(REPO, "scripts", "gpu_throughput_check.sh")
     done = subprocess.run(["bash", script, str(base)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
