@@ -11,7 +11,7 @@
 #      decoded by WORKERS (8) processes (bench/cache_build.py);
 #   3. builds the whole cache of the clips (scripts/shapes_stage1_gpu.sh CACHE_ONLY=1) and times it;
 #   4. times BATCHES (20) training steps at BATCH (64) from the raw clips and from the cache, the loader, the
-#      encoders and the DiT step apart (bench/train_step.py).
+#      encoders, the move to the device and the DiT step apart (bench/train_step.py).
 # Everything it prints goes to OUT/throughput.log as well; the summary at the end is what to report. On 2 CPU
 # cores (session 18, batch 64) the encoders took 75% of a step from raw clips (22.8 s of 30.4 s per batch)
 # and training from the cache ran 4.1x as many samples per second; a GPU was not measured yet.
@@ -53,7 +53,7 @@ step "4. training steps, batch $BATCH"
 for source in raw cached; do
   if [ "$source" = raw ]; then where=data.cache_dir=null; else where="data.cache_dir=$run/cache"; fi
   "$PY" "$ROOT/bench/train_step.py" --config "$run/stage1_gpu.yaml" --batches "$BATCHES" \
-    output_dir="$WORK/throughput_$source" "$where" 2>&1 | grep -E "device|ms/batch|all three" \
+    output_dir="$WORK/throughput_$source" "$where" 2>&1 | grep -E "device|ms/batch|in series" \
     | sed "s/^/$source: /" | tee "$OUT/step_$source.txt"
 done
 
@@ -61,4 +61,4 @@ echo "== summary"
 echo "clips: $CLIPS in $CLIP_S s (with the config)"
 echo "cache: $CACHED_SAMPLES samples in $CACHE_S s"
 grep "clips per VAE call" "$OUT/cache_bench.txt"
-grep -h "all three" "$OUT/step_raw.txt" "$OUT/step_cached.txt"
+grep -h "in series" "$OUT/step_raw.txt" "$OUT/step_cached.txt"
