@@ -3,7 +3,8 @@
 #
 #   OUT=FOLDER bash scripts/gpu_throughput_check.sh BASE_RUN
 #
-# BASE_RUN holds what scripts/shapes_stage1_gpu.sh needs (vae/final, encoders, init/sama_dit.safetensors).
+# BASE_RUN holds what scripts/shapes_stage1_gpu.sh needs (vae/final, encoders, init/sama_dit.safetensors);
+# `python -m train.shapes unbundle --out BASE_RUN` writes it from the shipped bundle.
 # In WORK/throughput (WORK defaults to /tmp) it
 #   1. generates CLIPS training clips (400) with WORKERS (8) processes and prepares the stage-1 config
 #      (scripts/shapes_stage1_gpu.sh PREPARE_ONLY=1);

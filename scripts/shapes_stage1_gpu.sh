@@ -9,6 +9,8 @@
 #   RUN/encoders/                                           (copied from runs/shapes/encoders)
 #   RUN/init/sama_dit.safetensors                            (stage 0's export, or a stage-1 checkpoint's EMA
 #                                                            DiT written by train.shapes.checkpoint_dit)
+# `python -m train.shapes unbundle --out RUN` writes all three from a bundle (default: the shipped one), so the
+# bundled model can be continued without the run that made it.
 # The training clips are generated here (train.synthetic, seed 0, split train: the same clips as
 # `train.shapes run`, CLIPS of them). The run stops after MINUTES (train.max_minutes) with a checkpoint and
 # RUN/stage1/final/sama_dit.safetensors; running the script again continues it (--resume latest).

@@ -6,7 +6,8 @@
 #
 #   OUT=FOLDER bash scripts/shapes_stage1_gpu_arms.sh BASE_RUN END_S NAME:CLIPS[:LAYERS] [...]
 #
-# BASE_RUN holds what scripts/shapes_stage1_gpu.sh needs (vae/final, encoders, init/sama_dit.safetensors).
+# BASE_RUN holds what scripts/shapes_stage1_gpu.sh needs (vae/final, encoders, init/sama_dit.safetensors);
+# `python -m train.shapes unbundle --out BASE_RUN` writes it from the shipped bundle.
 # Each arm NAME gets a copy of it in WORK/NAME (WORK defaults to /tmp), CLIPS training clips (train split,
 # seed 0: a smaller arm's clips are the first ones of a larger arm's; generated once per count, before the
 # arms start, and shared), and a clock that ends its training END_S seconds after this script started

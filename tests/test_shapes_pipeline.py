@@ -1337,3 +1337,40 @@ def test_demo_region_is_every_changed_pixel_grown_by_the_brush():
     expected = np.zeros((32, 32), bool)
     expected[8:13, 18:23] = True
     assert region.tolist() == expected.tolist()
+
+
+def test_unbundle_lays_a_bundle_out_as_a_run_that_train_encodes_exactly_as_the_pipeline(tmp_path, capsys):
+    """`python -m train.shapes unbundle`: the bundle's VAE, text encoder and DiT byte for byte, its SigLIP as
+    a transformers folder; train/'s encoders built from the run's stage-1 config give the same latents, text
+    rows and anchor tokens as the bundle's pipeline; scripts/shapes_stage1_gpu.sh accepts the folder."""
+    import subprocess
+
+    from sama_core.bundle import write_tiny_random_bundle
+    from sama_core.pipeline import SamaPipeline
+    from train.config import load_config
+    from train.features import FeatureEncoders
+    bundle = write_tiny_random_bundle(tmp_path / "bundle", seed=3)
+    run = tmp_path / "run"
+    assert shapes.main(["unbundle", "--bundle", str(bundle), "--out", str(run)]) == 0
+    assert f"RUN={run}" in capsys.readouterr().out
+    for name, copied in (("vae", "vae/final/vae.safetensors"), ("text_encoder", "encoders/text_encoder.safetensors"),
+                         ("dit", "init/sama_dit.safetensors")):
+        assert (run / copied).read_bytes() == (bundle / f"{name}.safetensors").read_bytes()
+    shutil.copy2(os.path.join(REPO, "train", "configs", "shapes_stage1.yaml"), run / "stage1.yaml")
+    train_side = FeatureEncoders.from_config(load_config(run / "stage1.yaml"))
+    pipe = SamaPipeline.from_bundle(bundle, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    clip = torch.rand(1, 3, 5, 32, 32, generator=g) * 2 - 1
+    assert torch.equal(train_side.latents(clip), pipe.vae.encode(clip))
+    prompts = ["make the red circle blue", "remove the square"]
+    assert torch.equal(train_side.text_encoder.encode(prompts), pipe.text_encoder.encode(prompts))
+    frames = torch.rand(3, 32, 32, 3, generator=g)
+    assert torch.equal(train_side.anchor_encoder.encode(frames), pipe.anchor_encoder.encode(frames))
+    check = subprocess.run(["bash", os.path.join(REPO, "scripts", "shapes_stage1_gpu.sh")], capture_output=True,
+                           text=True, env=dict(os.environ, RUN=str(run), CHECK_ONLY="1", PYTHON=sys.executable))
+    assert check.returncode == 0, check.stderr
+    capsys.readouterr()
+    assert shapes.main(["unbundle", "--bundle", str(bundle), "--out", str(run)]) != 0
+    assert "already exist: give an empty --out folder" in capsys.readouterr().err
+    with pytest.raises(SamaFileNotFoundError, match="holds no bundle.json"):
+        shapes.unpack_bundle(tmp_path, tmp_path / "other")

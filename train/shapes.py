@@ -4,6 +4,7 @@
                                [--reuse RUN] [--until STAGE] [--install]
     python -m train.shapes status --out runs/shapes
     python -m train.shapes curve --out runs/shapes [--limit N]      # accuracy of the kept checkpoints
+    python -m train.shapes unbundle --out runs/from_bundle [--bundle B]  # a bundle as a run to continue
 
 Stages (each a folder of the run; see docs/sama_shapes.md for what every one does and costs):
 
@@ -947,6 +948,45 @@ def install_bundle(source: Path, target: Path) -> Path:
     return target
 
 
+def unpack_bundle(bundle: Path, out: Path) -> Path:
+    """The frozen parts and the DiT of a bundle, laid out as a run folder for continued stage-1 training
+    (what scripts/shapes_stage1_gpu.sh and shapes_stage1_gpu_arms.sh take as RUN / BASE_RUN):
+
+        out/vae/final/vae.safetensors          the bundle's VAE, byte for byte
+        out/encoders/text_encoder.safetensors  the bundle's text encoder with its tokenizer, byte for byte
+        out/encoders/siglip/                   the bundle's SigLIP as a transformers folder (its config carries
+                                               the head count, which the single file does not)
+        out/init/sama_dit.safetensors          the bundle's DiT, byte for byte
+
+    So the bundled model can be fine-tuned without the run that made it: train/ then encodes exactly what
+    the bundle's pipeline encodes (tested)."""
+    from sama_core.anchors import load_siglip_vision
+    from sama_core.pipeline import read_bundle_spec
+    bundle, out = Path(bundle), Path(out)
+    if not (bundle / "bundle.json").is_file():
+        raise SamaFileNotFoundError(f"{bundle} holds no bundle.json: give a bundle folder such as "
+                                    f"{ASSET_BUNDLE.relative_to(REPO)}")
+    spec = read_bundle_spec(bundle / "bundle.json")
+    if not spec.get("siglip"):
+        raise SamaInputError(f"{bundle}/bundle.json names no 'siglip': stage 1 needs the anchor encoder")
+    files = {name: bundle / spec[name] for name in ("dit", "vae", "text_encoder", "siglip")}
+    for name, path in files.items():
+        if not path.is_file():
+            raise SamaFileNotFoundError(f"{path} (the bundle's '{name}') is missing")
+    targets = [out / "vae" / "final", out / "encoders", out / "init"]
+    taken = [str(t) for t in targets if t.exists()]
+    if taken:
+        raise SamaInputError(f"{', '.join(taken)} already exist: give an empty --out folder")
+    for t in targets:
+        t.mkdir(parents=True)
+    shutil.copy2(files["vae"], out / "vae" / "final" / "vae.safetensors")
+    shutil.copy2(files["text_encoder"], out / "encoders" / "text_encoder.safetensors")
+    shutil.copy2(files["dit"], out / "init" / "sama_dit.safetensors")
+    siglip = load_siglip_vision(files["siglip"], num_attention_heads=spec.get("siglip_num_heads"))
+    siglip.save_pretrained(str(out / "encoders" / "siglip"))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ curves
 
 def checkpoint_dit(checkpoint: Path, final_dit: Path, out_file: Path) -> Path:
@@ -1038,6 +1078,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("compare", help="the toy reproduction: several finished runs in one table + plot")
     p.add_argument("--runs", nargs="+", required=True, help="run folders, e.g. runs/shapes runs/shapes_no_sa")
     p.add_argument("--out", required=True, help="folder for results.md, compare.json, convergence.png")
+    p = sub.add_parser("unbundle", help="a bundle's VAE, encoders and DiT as a run folder to continue stage 1 "
+                       "from (scripts/shapes_stage1_gpu.sh RUN)")
+    p.add_argument("--bundle", default=str(ASSET_BUNDLE), help="bundle folder (default: the shipped one)")
+    p.add_argument("--out", required=True, help="new run folder, e.g. runs/from_bundle")
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
@@ -1049,6 +1093,11 @@ def main(argv=None) -> int:
         ran = run_pipeline(run, args.until, args.install)
         print(f"ran {', '.join(ran) or 'nothing (all done)'} in {time.perf_counter() - t0:.1f} s; "
               f"bundle: {run.path('bundle')}, evaluation: {run.path('eval', 'results.md')}")
+        return 0
+    if args.command == "unbundle":
+        out = unpack_bundle(Path(args.bundle), Path(args.out))
+        print(f"{out}: vae/final, encoders and init/sama_dit.safetensors from {args.bundle}; continue stage 1 "
+              f"with: RUN={out} CLIPS=400 MINUTES=30 bash scripts/shapes_stage1_gpu.sh")
         return 0
     if args.command == "compare":
         from .shapes_compare import compare
