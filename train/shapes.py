@@ -1097,7 +1097,8 @@ def main(argv=None) -> int:
     if args.command == "unbundle":
         out = unpack_bundle(Path(args.bundle), Path(args.out))
         print(f"{out}: vae/final, encoders and init/sama_dit.safetensors from {args.bundle}; continue stage 1 "
-              f"with: RUN={out} CLIPS=400 MINUTES=30 bash scripts/shapes_stage1_gpu.sh")
+              f"with: RUN={out} CACHE={out / 'cache'} CLIPS=400 MINUTES=30 bash scripts/shapes_stage1_gpu.sh "
+              "(on a CPU add BATCH=8 CACHE_BATCH=8)")
         return 0
     if args.command == "compare":
         from .shapes_compare import compare
