@@ -1374,3 +1374,52 @@ def test_unbundle_lays_a_bundle_out_as_a_run_that_train_encodes_exactly_as_the_p
     assert "already exist: give an empty --out folder" in capsys.readouterr().err
     with pytest.raises(SamaFileNotFoundError, match="holds no bundle.json"):
         shapes.unpack_bundle(tmp_path, tmp_path / "other")
+
+
+def test_swap_dit_then_card_rebuilds_a_bundles_card_from_its_evaluation(heldout, tmp_path, capsys):
+    """`train.shapes swap-dit` puts another DiT into a copy of a bundle (in the bundle's stored dtype), appends
+    the history and clears the old DiT's metrics; `train.shapes card` then fills them from train.eval's output
+    of the new bundle, its table included."""
+    from sama_core.bundle import write_tiny_random_bundle
+    from sama_core.loading import load_dit, save_dit
+    bundle = write_tiny_random_bundle(tmp_path / "bundle", defaults={"steps": 2})
+    other = load_dit(write_tiny_random_bundle(tmp_path / "other", seed=5) / "dit.safetensors")
+    dit_file = tmp_path / "continued.safetensors"
+    save_dit(other, dit_file)
+    steps = [{"what": "stage 1 continued", "steps": 7, "batch": 8, "data": "d", "hardware": "CPU", "minutes": 1}]
+    (tmp_path / "lineage.json").write_text(json.dumps(steps))
+    new = tmp_path / "new"
+    swap = ["swap-dit", "--bundle", str(bundle), "--dit", str(dit_file), "--lineage", str(tmp_path / "lineage.json")]
+    assert shapes.main([*swap, "--out", str(new)]) == 0
+    swapped = load_dit(new / "dit.safetensors")
+    for key, value in other.state_dict().items():
+        assert torch.equal(swapped.state_dict()[key], value), key
+    spec = json.loads((new / "bundle.json").read_text())
+    assert spec["card"]["lineage"] == steps and spec["card"]["metrics"] == {}
+    assert spec["card"]["components"]["dit"]["dim"] == other.config.dim
+    assert "Not evaluated yet" in (new / "README.md").read_text()
+    assert (new / "vae.safetensors").read_bytes() == (bundle / "vae.safetensors").read_bytes()
+    capsys.readouterr()
+    assert shapes.main([*swap, "--out", str(new)]) != 0  # never over an existing folder
+    assert "already exists" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"what": "not a list"}')
+    assert shapes.main([*swap[:-1], str(tmp_path / "bad.json"), "--out", str(tmp_path / "n2")]) != 0
+    assert "must be a JSON list of objects" in capsys.readouterr().err
+
+    evaluation = tmp_path / "eval"
+    assert ev.main(["--bundle", str(new), "--data", str(heldout), "--limit", "1", "--kinds", "color",
+                    "--baselines", "copy", "--out", str(evaluation)]) == 0
+    assert shapes.main(["card", "--bundle", str(new), "--eval", str(evaluation)]) == 0
+    card = json.loads((new / "bundle.json").read_text())["card"]
+    summaries = json.loads((evaluation / "metrics.json").read_text())["summaries"]
+    assert set(card["metrics"]) == {"SAMA-Shapes", "copy (output = source)"}
+    assert card["metrics"]["SAMA-Shapes"]["motion_error"] == summaries["SAMA-Shapes"]["all"]["motion_error"]
+    assert card["metrics"]["SAMA-Shapes"]["accuracy_per_kind"] == {"color": summaries["SAMA-Shapes"]["color"]["accuracy"]}
+    assert card["lineage"] == steps and card["seconds"]["eval"] > 0
+    readme = (new / "README.md").read_text()
+    assert "Not evaluated yet" not in readme and "| copy (output = source) |" in readme
+    other_eval = tmp_path / "eval_other"
+    assert ev.main(["--data", str(heldout), "--limit", "1", "--kinds", "color", "--baselines", "copy",
+                    "--out", str(other_eval)]) == 0
+    assert shapes.main(["card", "--bundle", str(new), "--eval", str(other_eval)]) != 0
+    assert "has no row 'SAMA-Shapes'" in capsys.readouterr().err

@@ -5,6 +5,8 @@
     python -m train.shapes status --out runs/shapes
     python -m train.shapes curve --out runs/shapes [--limit N]      # accuracy of the kept checkpoints
     python -m train.shapes unbundle --out runs/from_bundle [--bundle B]  # a bundle as a run to continue
+    python -m train.shapes swap-dit --dit D --lineage L.json --out NEW [--bundle B]  # the bundle with D
+    python -m train.shapes card --bundle NEW --eval EVAL [--install]  # its card from train.eval's output
 
 Stages (each a folder of the run; see docs/sama_shapes.md for what every one does and costs):
 
@@ -875,21 +877,34 @@ def write_card(run: Run, folder: Path, extra_seconds: Optional[dict] = None) -> 
     """Put the evaluation into bundle.json's card and write the human-readable model card README.md."""
     from sama_core.bundle import BUNDLE_FILE
     spec = json.loads((folder / BUNDLE_FILE).read_text())
-    metrics = _read_json(run.path("eval", "metrics.json")).get("summaries", {})
     card = spec.setdefault("card", {})
     card["seconds"] = {k: v["seconds"] for k, v in run.read_state().get("stages", {}).items()}
     for stage, seconds in (extra_seconds or {}).items():
         card["seconds"][stage] = card["seconds"].get(stage, 0.0) + seconds
-    card["metrics"] = {method: {k: v for k, v in s["all"].items()} | {
+    card["metrics"] = card_metrics(_read_json(run.path("eval", "metrics.json")).get("summaries", {}))
+    table = run.path("eval", "results.md").read_text() if run.path("eval", "results.md").exists() else ""
+    write_card_files(folder, spec, table)
+
+
+def card_metrics(summaries: dict) -> dict:
+    """train.eval's metrics.json "summaries" -> the card's metrics: each row's overall numbers plus its
+    accuracy per edit kind and per background style."""
+    return {method: {k: v for k, v in s["all"].items()} | {
         "accuracy_per_kind": {kind: block["accuracy"] for kind, block in s.items()
                               if kind not in ("all", "by_background")},
         "accuracy_per_background": {style: block["accuracy"] for style, block in s.get("by_background", {}).items()}}
-        for method, s in metrics.items()}
+        for method, s in summaries.items()}
+
+
+def write_card_files(folder: Path, spec: dict, table: str) -> None:
+    """bundle.json (atomically) and README.md, the model card in words, with `table` (train.eval's
+    results.md) as its evaluation."""
+    from sama_core.bundle import BUNDLE_FILE
+    card = spec.setdefault("card", {})
     tmp = folder / f".{BUNDLE_FILE}.tmp"
     tmp.write_text(json.dumps(spec, indent=2) + "\n")
     os.replace(tmp, folder / BUNDLE_FILE)
-    table = run.path("eval", "results.md").read_text() if run.path("eval", "results.md").exists() else ""
-    total = sum(card["seconds"].values())
+    total = sum(card.get("seconds", {}).values())
 
     def block(title, value):
         return [f"## {title}", "", "```json", json.dumps(value, indent=1), "```", ""]
@@ -917,9 +932,10 @@ def write_card(run: Run, folder: Path, extra_seconds: Optional[dict] = None) -> 
                  for step in card["lineage"]]
         text += [""]
     text += [(f"Hardware: {json.dumps(card.get('hardware', {}))}. Wall time per stage (s): "
-              f"{json.dumps(card['seconds'])}, {total / 3600:.2f} h in total."), ""]
+              f"{json.dumps(card.get('seconds', {}))}, {total / 3600:.2f} h in total."), ""]
     text += ["## Evaluation (held-out clips, train/eval.py)", "",
-             table.replace("# SAMA-Shapes evaluation\n", "")]
+             table.replace("# SAMA-Shapes evaluation\n", "") if table else
+             "Not evaluated yet: `python -m train.eval --bundle BUNDLE ...`, then `python -m train.shapes card`."]
     text += ["## Limits", "",
              ("Toy data only: 64x64 clips of four shapes in eight colours on eight backgrounds. The text encoder "
               "and SigLIP are frozen (SigLIP random; the text encoder as Components says); the VAE is tiny, so "
@@ -931,6 +947,75 @@ def write_card(run: Run, folder: Path, extra_seconds: Optional[dict] = None) -> 
                  "`--no-flowedit` for the released sampler): it keeps more of what the instruction leaves alone."
                  if spec.get("defaults", {}).get("flowedit") else ""))]
     (folder / "README.md").write_text("\n".join(text) + "\n")
+
+
+CARD_DIT_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "freq_dim", "siglip_dim",
+                   "siglip_hidden_dim")
+
+
+def swap_dit(bundle: Path, dit_file: Path, out: Path, lineage: list) -> Path:
+    """A copy of `bundle` in `out` (a new folder) with the DiT of `dit_file` (a continued stage 1's export,
+    e.g. from scripts/shapes_stage1_gpu.sh) stored in the bundle's DiT dtype, `lineage` (a list of
+    {"what", "steps", "batch", "data", "hardware", "minutes"}) appended to the card's history, and the card's
+    metrics cleared: they described the old DiT. `python -m train.eval` on the new bundle, then
+    `python -m train.shapes card`, puts the new DiT's evaluation in."""
+    import torch
+    from safetensors import safe_open
+
+    from sama_core.bundle import BUNDLE_FILE
+    from sama_core.loading import load_dit, save_dit
+    from sama_core.pipeline import read_bundle_spec
+    bundle, out = Path(bundle), Path(out)
+    if not (bundle / BUNDLE_FILE).is_file():
+        raise SamaFileNotFoundError(f"{bundle} holds no {BUNDLE_FILE}: give a bundle folder")
+    if out.exists():
+        raise SamaInputError(f"{out} already exists: give a new folder for the bundle with the swapped DiT")
+    if not isinstance(lineage, list) or not all(isinstance(step, dict) and step.get("what") for step in lineage):
+        raise SamaInputError("the lineage must be a JSON list of objects, each with a \"what\" (e.g. [{\"what\": "
+                             "\"stage 1 continued\", \"steps\": 2000, \"batch\": 8}])")
+    spec = read_bundle_spec(bundle / BUNDLE_FILE)
+    with safe_open(str(bundle / spec["dit"]), "pt") as f:
+        stored = f.get_slice(next(iter(f.keys()))).get_dtype()
+    dtypes = {"F16": (torch.float16, "fp16"), "BF16": (torch.bfloat16, "bf16"), "F32": (torch.float32, "fp32")}
+    dtype, dtype_name = dtypes.get(stored, (torch.float32, "fp32"))
+    dit = load_dit(dit_file, dtype=torch.float32)
+    tmp = out.with_name(f".tmp-{out.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(bundle, tmp)
+    save_dit(dit.to(dtype), tmp / spec["dit"])
+    card = spec.setdefault("card", {})
+    config = dataclasses.asdict(dit.config)
+    card.setdefault("components", {})["dit"] = {k: config[k] for k in CARD_DIT_FIELDS if k in config} | {
+        "stored_dtype": dtype_name}
+    card["lineage"] = list(card.get("lineage", [])) + lineage
+    card["metrics"], card["seconds"] = {}, {}
+    write_card_files(tmp, spec, "")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def card_from_eval(bundle: Path, evaluation: Path) -> dict:
+    """The card of `bundle` rewritten from a finished `python -m train.eval --bundle bundle` (or its --merge):
+    its rows as the metrics, its per-row seconds, its results.md as the README's table. The bundle's own row
+    must be in it under train.eval's default name, SAMA-Shapes (what the tests and the README read)."""
+    from sama_core.bundle import BUNDLE_FILE
+    bundle, evaluation = Path(bundle), Path(evaluation)
+    if not (evaluation / "results.md").is_file() or not (evaluation / "metrics.json").is_file():
+        raise SamaInputError(f"{evaluation} is not a finished train.eval output (results.md, metrics.json)")
+    spec = json.loads((bundle / BUNDLE_FILE).read_text())
+    card = spec.setdefault("card", {})
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    summaries = metrics.get("summaries", {})
+    name = "SAMA-Shapes"
+    if name not in summaries:
+        raise SamaInputError(f"{evaluation} has no row '{name}' (it has {', '.join(summaries) or 'none'}): "
+                             f"evaluate this bundle with python -m train.eval --bundle {bundle}")
+    card["metrics"] = card_metrics(summaries)
+    card["seconds"] = {"eval": round(sum(metrics.get("seconds", {}).values()), 2)}
+    write_card_files(bundle, spec, (evaluation / "results.md").read_text())
+    return card
 
 
 def install_bundle(source: Path, target: Path) -> Path:
@@ -1082,6 +1167,19 @@ def main(argv=None) -> int:
                        "from (scripts/shapes_stage1_gpu.sh RUN)")
     p.add_argument("--bundle", default=str(ASSET_BUNDLE), help="bundle folder (default: the shipped one)")
     p.add_argument("--out", required=True, help="new run folder, e.g. runs/from_bundle")
+    p = sub.add_parser("swap-dit", help="a copy of a bundle with another DiT (a continued stage 1) and the "
+                       "history in its card; its metrics cleared until `card`")
+    p.add_argument("--bundle", default=str(ASSET_BUNDLE), help="bundle folder (default: the shipped one)")
+    p.add_argument("--dit", required=True, help="the DiT file, e.g. RUN/stage1/final/sama_dit.safetensors")
+    p.add_argument("--lineage", required=True,
+                   help="JSON file: a list of {what, steps, batch, data, hardware, minutes}, the DiT's new history")
+    p.add_argument("--out", required=True, help="new bundle folder")
+    p = sub.add_parser("card", help="a bundle's card and README from a finished train.eval of it (then "
+                       "--install copies the bundle into the package)")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--eval", required=True, help="train.eval --out folder (or its --merge)")
+    p.add_argument("--install", action="store_true",
+                   help=f"copy the bundle into {ASSET_BUNDLE.relative_to(REPO)}")
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
@@ -1099,6 +1197,25 @@ def main(argv=None) -> int:
         print(f"{out}: vae/final, encoders and init/sama_dit.safetensors from {args.bundle}; continue stage 1 "
               f"with: RUN={out} CACHE={out / 'cache'} CLIPS=400 MINUTES=30 bash scripts/shapes_stage1_gpu.sh "
               "(on a CPU add BATCH=8 CACHE_BATCH=8)")
+        return 0
+    if args.command == "swap-dit":
+        lineage_file = Path(args.lineage)
+        if not lineage_file.is_file():
+            raise SamaFileNotFoundError(f"--lineage {lineage_file}: no such file")
+        try:
+            lineage = json.loads(lineage_file.read_text())
+        except ValueError as e:
+            raise SamaInputError(f"--lineage {lineage_file} is not valid JSON ({e})") from None
+        out = swap_dit(Path(args.bundle), Path(args.dit), Path(args.out), lineage)
+        print(f"{out}: the bundle with {args.dit}; evaluate it (python -m train.eval --bundle {out} --data HELDOUT "
+              f"--baselines copy,ground_truth,vae --flowedit off --out EVAL), then python -m train.shapes card "
+              f"--bundle {out} --eval EVAL")
+        return 0
+    if args.command == "card":
+        card = card_from_eval(Path(args.bundle), Path(args.eval))
+        print(f"{args.bundle}: card rows {', '.join(card['metrics'])}")
+        if args.install:
+            print(f"installed into {install_bundle(Path(args.bundle), ASSET_BUNDLE)}")
         return 0
     if args.command == "compare":
         from .shapes_compare import compare
