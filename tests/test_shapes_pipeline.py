@@ -1374,6 +1374,12 @@ def test_unbundle_lays_a_bundle_out_as_a_run_that_train_encodes_exactly_as_the_p
     assert "already exist: give an empty --out folder" in capsys.readouterr().err
     with pytest.raises(SamaFileNotFoundError, match="holds no bundle.json"):
         shapes.unpack_bundle(tmp_path, tmp_path / "other")
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "siglip.safetensors").write_bytes(b"not a safetensors file")
+    assert shapes.main(["unbundle", "--bundle", str(broken), "--out", str(tmp_path / "half")]) != 0
+    assert "siglip.safetensors" in capsys.readouterr().err
+    assert not [p for p in (tmp_path / "half").rglob("*") if p.is_file()]  # nothing half written
 
 
 def test_swap_dit_then_card_rebuilds_a_bundles_card_from_its_evaluation(heldout, tmp_path, capsys):

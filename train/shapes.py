@@ -1058,17 +1058,25 @@ def unpack_bundle(bundle: Path, out: Path) -> Path:
     for name, path in files.items():
         if not path.is_file():
             raise SamaFileNotFoundError(f"{path} (the bundle's '{name}') is missing")
-    targets = [out / "vae" / "final", out / "encoders", out / "init"]
-    taken = [str(t) for t in targets if t.exists()]
+    taken = [str(out / name) for name in ("vae", "encoders", "init") if (out / name).exists()]
     if taken:
         raise SamaInputError(f"{', '.join(taken)} already exist: give an empty --out folder")
-    for t in targets:
-        t.mkdir(parents=True)
-    shutil.copy2(files["vae"], out / "vae" / "final" / "vae.safetensors")
-    shutil.copy2(files["text_encoder"], out / "encoders" / "text_encoder.safetensors")
-    shutil.copy2(files["dit"], out / "init" / "sama_dit.safetensors")
     siglip = load_siglip_vision(files["siglip"], num_attention_heads=spec.get("siglip_num_heads"))
-    siglip.save_pretrained(str(out / "encoders" / "siglip"))
+    # Written aside first, so a failure (a full disk) leaves no half folder behind.
+    tmp = out / ".tmp-unbundle"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        for folder in ("vae/final", "encoders", "init"):
+            (tmp / folder).mkdir(parents=True)
+        shutil.copy2(files["vae"], tmp / "vae" / "final" / "vae.safetensors")
+        shutil.copy2(files["text_encoder"], tmp / "encoders" / "text_encoder.safetensors")
+        shutil.copy2(files["dit"], tmp / "init" / "sama_dit.safetensors")
+        siglip.save_pretrained(str(tmp / "encoders" / "siglip"))
+        for name in ("vae", "encoders", "init"):
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
