@@ -1429,3 +1429,7 @@ def test_swap_dit_then_card_rebuilds_a_bundles_card_from_its_evaluation(heldout,
                     "--out", str(other_eval)]) == 0
     assert shapes.main(["card", "--bundle", str(new), "--eval", str(other_eval)]) != 0
     assert "has no row 'SAMA-Shapes'" in capsys.readouterr().err
+    assert shapes.main(["card", "--bundle", str(tmp_path / "eval"), "--eval", str(evaluation)]) != 0
+    assert "holds no bundle.json" in capsys.readouterr().err
+    assert shapes.main(["card", "--bundle", str(new), "--eval", str(tmp_path)]) != 0
+    assert "not a finished train.eval output" in capsys.readouterr().err

@@ -1002,6 +1002,8 @@ def card_from_eval(bundle: Path, evaluation: Path) -> dict:
     must be in it under train.eval's default name, SAMA-Shapes (what the tests and the README read)."""
     from sama_core.bundle import BUNDLE_FILE
     bundle, evaluation = Path(bundle), Path(evaluation)
+    if not (bundle / BUNDLE_FILE).is_file():
+        raise SamaFileNotFoundError(f"--bundle {bundle} holds no {BUNDLE_FILE}: give the bundle that was evaluated")
     if not (evaluation / "results.md").is_file() or not (evaluation / "metrics.json").is_file():
         raise SamaInputError(f"{evaluation} is not a finished train.eval output (results.md, metrics.json)")
     spec = json.loads((bundle / BUNDLE_FILE).read_text())
