@@ -1048,14 +1048,15 @@ def unpack_bundle(bundle: Path, out: Path) -> Path:
     So the bundled model can be fine-tuned without the run that made it: train/ then encodes exactly what
     the bundle's pipeline encodes (tested)."""
     from sama_core.anchors import load_siglip_vision
+    from sama_core.bundle import BUNDLE_FILE
     from sama_core.pipeline import read_bundle_spec
     bundle, out = Path(bundle), Path(out)
-    if not (bundle / "bundle.json").is_file():
-        raise SamaFileNotFoundError(f"{bundle} holds no bundle.json: give a bundle folder such as "
+    if not (bundle / BUNDLE_FILE).is_file():
+        raise SamaFileNotFoundError(f"{bundle} holds no {BUNDLE_FILE}: give a bundle folder such as "
                                     f"{ASSET_BUNDLE.relative_to(REPO)}")
-    spec = read_bundle_spec(bundle / "bundle.json")
+    spec = read_bundle_spec(bundle / BUNDLE_FILE)
     if not spec.get("siglip"):
-        raise SamaInputError(f"{bundle}/bundle.json names no 'siglip': stage 1 needs the anchor encoder")
+        raise SamaInputError(f"{bundle / BUNDLE_FILE} names no 'siglip': stage 1 needs the anchor encoder")
     files = {name: bundle / spec[name] for name in ("dit", "vae", "text_encoder", "siglip")}
     for name, path in files.items():
         if not path.is_file():
