@@ -25,7 +25,8 @@ from .errors import SamaFileNotFoundError, SamaInputError
 from .flowedit import resolve_flowedit
 from .loading import load_dit, merge_lora
 from .pretext import blank_frames
-from .region import check_pixel_mask, composite, latent_region, scale_mask
+from .region import (changed_weight, check_keep_unchanged, check_pixel_mask, composite, latent_region,
+                     scale_mask)
 from .sampler import SampleResult, SamplerOptions, StepInfo, sample
 from .text import load_text_encoder
 from .vae import WanVAE
@@ -57,6 +58,9 @@ class EditSettings:
     blank_frames: Optional[tuple] = None  # (start, end): blank these source frames (cube-inpainting repair)
     mask: Optional[str] = None           # image or video: where the edit may change the video (white); the rest
                                          # stays the source's (sama_core/region.py)
+    keep_unchanged: Optional[float] = None  # threshold: pixels the edit changed by less than half of it (0-1
+                                         # scale, against the source's VAE round trip) are the source's own;
+                                         # None: the bundle's default (else off), 0: off (region.changed_weight)
 
 
 @dataclasses.dataclass
@@ -206,16 +210,30 @@ class SamaPipeline:
             frames = blank_frames(frames, *settings.blank_frames)
         if mask is not None:
             mask = check_pixel_mask(mask, *frames.shape[:3])
+        # before the sampling, not after it; None: the bundle's default (SAMA-Shapes: on), 0: off
+        keep_unchanged = check_keep_unchanged(settings.keep_unchanged if settings.keep_unchanged is not None
+                                              else self.defaults.get("keep_unchanged", 0))
         result, count, plan = self.sample_edit(frames, instruction, settings, options, callback, should_interrupt,
                                                mask=mask)
         decoded = vio.vae_output_to_frames(self.vae.decode(result.latents))  # (F', H, W, 3)
         edited = vio.trim(decoded, count)
+        reconstruction = None
+        if keep_unchanged:
+            # the source's own VAE round trip: what "unchanged" looks like after decoding (region.changed_weight)
+            reconstruction = vio.trim(vio.vae_output_to_frames(self.vae.decode(result.source)), count)
         if settings.restore_size:
+            source = frames
             edited = vio.restore(edited, plan, source=frames)
-            if mask is not None:
-                edited = composite(edited, frames, mask)
-        elif mask is not None:
-            edited = composite(edited, vio.apply_resize(frames, plan), fit_mask(mask, plan))
+        else:
+            source = vio.apply_resize(frames, plan)
+            mask = None if mask is None else fit_mask(mask, plan)
+        if reconstruction is not None:
+            if settings.restore_size:  # the same resize as the edit's; outside a crop both are the source
+                reconstruction = vio.restore(reconstruction, plan, source=frames)
+            weight = changed_weight(edited, reconstruction, keep_unchanged)
+            mask = weight if mask is None else mask * weight
+        if mask is not None:
+            edited = composite(edited, source, mask)
         return edited, result
 
     def sample_edit(self, frames: torch.Tensor, instruction: str, settings: Optional[EditSettings] = None,
@@ -257,6 +275,7 @@ class SamaPipeline:
             result: SampleResult = sample(self.dit, cond, uncond, source=source, options=options,
                                           anchor_tokens=anchor, callback=callback, should_interrupt=should_interrupt,
                                           region=region, source_semantic=source_semantic)
+        result.source = source
         return result, count, plan
 
     def edit_file(self, video_path, instruction: str, out_path, settings: Optional[EditSettings] = None,

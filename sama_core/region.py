@@ -8,6 +8,13 @@ applied to SAMA's in-context sampler; diffusers has it only inside its own image
 lines.
 
 Masks are pixel masks in [0, 1] (1 = may change): (H, W) for every frame or (F, H, W) per frame.
+
+Keep unchanged (`changed_weight`, `python -m sama_core edit --keep-unchanged T`): with no mask, the region can
+also be read off the edit itself. Where the decoded edit differs from the source's own VAE round trip by less
+than T/2 (the largest of the three channels, on the 0-1 scale) the pixels are the source's; from T on they are
+the edit's; in between they are blended. So what the edit left alone gets the source's exact pixels instead of
+the VAE's reconstruction of them. It measures change against the round trip, not the source, so the VAE's own
+blur does not count as an edit, and a change the VAE cannot show (a small faint object removed) is not seen.
 """
 
 from __future__ import annotations
@@ -117,6 +124,36 @@ def check_region(region: Optional[torch.Tensor], target_shape, source: Optional[
 def keep_outside(x: torch.Tensor, source: torch.Tensor, noise: torch.Tensor, sigma, region: torch.Tensor):
     """Latents x at noise level sigma with everything outside the region put back on the source's path."""
     return region * x + (1 - region) * add_noise(source, noise, sigma)
+
+
+KEEP_UNCHANGED_DEFAULT = 0.2  # chosen on validation edits (docs/sama_shapes.md, session 20)
+
+
+def check_keep_unchanged(threshold) -> float:
+    """The keep-unchanged threshold as a float in [0, 1] (0 = off), or a clear error naming the fix."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 <= value <= 1:  # also refuses NaN
+        raise SamaInputError(f"the keep-unchanged threshold {threshold!r} must lie in [0, 1] (0 = off): e.g. "
+                             f"{KEEP_UNCHANGED_DEFAULT} keeps what the edit changed by less than "
+                             f"{KEEP_UNCHANGED_DEFAULT / 2:g} (on the 0-1 pixel scale) exactly as in the source")
+    return value
+
+
+def changed_weight(edited: torch.Tensor, reconstruction: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Frames (F, H, W, 3) of the edit and of the source's VAE round trip -> (F, H, W) in [0, 1]: 0 where they
+    differ by at most threshold / 2 in every channel, 1 from threshold on, linear in between (a soft edge, so
+    a half-made change is not cut back to the source). A per-pixel rule, hence written here."""
+    threshold = check_keep_unchanged(threshold)
+    if threshold == 0:
+        raise SamaInputError("a keep-unchanged threshold of 0 means off: there is no weight to compute")
+    if edited.shape != reconstruction.shape:
+        raise SamaInputError(f"the edit {tuple(edited.shape)} and the source's round trip "
+                             f"{tuple(reconstruction.shape)} must have the same shape")
+    change = (edited.float() - reconstruction.float()).abs().amax(-1)  # (F, H, W)
+    return ((change - threshold / 2) / (threshold / 2)).clamp(0, 1)
 
 
 def composite(edited: torch.Tensor, source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

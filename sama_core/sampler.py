@@ -92,6 +92,7 @@ class SampleResult:
     latents: torch.Tensor                  # (B, 16, F, H, W) normalised clean latents
     semantic: Optional[torch.Tensor]       # (B, N, siglip_dim) final semantic tokens
     stats: dict = dataclasses.field(default_factory=dict)  # e.g. model calls, steps served by the cache
+    source: Optional[torch.Tensor] = None  # (B, 16, F, H, W) the source latents (set by the pipeline)
 
 
 def check_finite(**tensors):

@@ -97,13 +97,16 @@ def test_cli_restore_uses_the_task_token(bundle, clip, tmp_path, monkeypatch):
     original = SamaPipeline.encode_text
 
     def spy(self, instruction, settings):
-        seen.update(instruction=instruction, prefix=settings.use_prefix, blank=settings.blank_frames)
+        seen.update(instruction=instruction, prefix=settings.use_prefix, blank=settings.blank_frames,
+                    keep=settings.keep_unchanged)
         return original(self, instruction, settings)
     monkeypatch.setattr(SamaPipeline, "encode_text", spy)
     out = tmp_path / "fixed.mp4"
     assert cli(["restore", "--model", str(bundle), "--video", str(clip), "--task", "cube", "--blank", "3:6",
                 "--out", str(out), "--steps", "1"]) == 0
-    assert seen == {"instruction": "[Complete the missing regions in the video.]", "prefix": False, "blank": (3, 6)}
+    # keep-unchanged off whatever the bundle's default: it would put the repaired blank back
+    assert seen == {"instruction": "[Complete the missing regions in the video.]", "prefix": False, "blank": (3, 6),
+                    "keep": 0}
     assert read_video(out)[0].shape[0] == 10
 
 

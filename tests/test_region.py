@@ -8,7 +8,8 @@ from PIL import Image
 from sama_core.__main__ import main as cli
 from sama_core.errors import SamaInputError
 from sama_core.pipeline import EditSettings
-from sama_core.region import check_pixel_mask, composite, latent_region, scale_mask
+from sama_core.region import (changed_weight, check_keep_unchanged, check_pixel_mask, composite, latent_region,
+                               scale_mask)
 from sama_core.sampler import SamplerOptions, initial_noise, sample
 from sama_core.scheduler import flow_sigmas
 from sama_core.video import read_video, write_video
@@ -204,3 +205,124 @@ def test_cli_mask_errors_name_the_mask_and_the_fix(bundle, tmp_path, capsys):
     write_video(tmp_path / "mask9.mp4", torch.ones(9, 32, 48, 3), 8)
     assert cli([*common, "--out", str(tmp_path / "ok.mp4"), "--mask", str(tmp_path / "mask9.mp4")]) == 0
     assert read_video(tmp_path / "ok.mp4")[0].shape == (9, 32, 48, 3)
+
+
+# ------------------------------------------------------------------------------------------ keep unchanged
+
+def test_changed_weight_is_zero_to_half_the_threshold_one_from_it_and_linear_between():
+    reconstruction = torch.full((1, 1, 6, 3), 0.5)
+    edited = reconstruction.clone()
+    edited[0, 0, 1, 0] += 0.05      # below half of 0.2: unchanged
+    edited[0, 0, 2, 1] -= 0.15      # 3/4 of the way: (0.15 - 0.1) / 0.1 = 0.5
+    edited[0, 0, 3, 2] += 0.2       # the threshold: changed
+    edited[0, 0, 4] += torch.tensor([0.02, -0.3, 0.01])  # the largest channel counts
+    edited[0, 0, 5] += 0.12         # every channel a little: the largest of them, 0.12 -> 0.2
+    weight = changed_weight(edited, reconstruction, 0.2)
+    torch.testing.assert_close(weight, torch.tensor([[[0.0, 0.0, 0.5, 1.0, 1.0, 0.2]]]))
+    with pytest.raises(SamaInputError, match="same shape"):
+        changed_weight(edited, reconstruction[:, :, :5], 0.2)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "high"])
+def test_keep_unchanged_thresholds_outside_0_to_1_are_refused_naming_the_fix(bad):
+    with pytest.raises(SamaInputError, match=r"keep-unchanged threshold .* must lie in \[0, 1\] \(0 = off\): e.g. 0.2"):
+        check_keep_unchanged(bad)
+    assert check_keep_unchanged("1") == 1.0 and check_keep_unchanged(0) == 0.0
+    with pytest.raises(SamaInputError, match="0 means off"):
+        changed_weight(torch.zeros(1, 1, 1, 3), torch.zeros(1, 1, 1, 3), 0)
+
+
+def test_keep_unchanged_follows_the_bundles_default_and_0_turns_it_off(tmp_path):
+    import json
+    import shutil
+    from sama_core.bundle import write_tiny_random_bundle
+    from sama_core.pipeline import SamaPipeline
+    folder = write_tiny_random_bundle(tmp_path / "plain")
+    shutil.copytree(folder, tmp_path / "keeping")
+    spec = json.loads((folder / "bundle.json").read_text())
+    spec["defaults"]["keep_unchanged"] = 1.0
+    (tmp_path / "keeping" / "bundle.json").write_text(json.dumps(spec))
+    plain = SamaPipeline.from_bundle(folder, device="cpu")
+    keeping = SamaPipeline.from_bundle(tmp_path / "keeping", device="cpu")
+    frames = torch.rand(5, 32, 32, 3, generator=torch.Generator().manual_seed(6))
+    edits = {}
+    for name, pipe, threshold in (("plain", plain, None), ("plain 1", plain, 1.0), ("default", keeping, None),
+                                  ("off", keeping, 0.0)):
+        settings = EditSettings(width=32, height=32, keep_unchanged=threshold)
+        edits[name], _ = pipe.edit_frames(frames, "make it blue", settings, pipe.sampler_options(steps=2))
+    assert torch.equal(edits["default"], edits["plain 1"])  # the same random weights (seeded) and sample
+    assert torch.equal(edits["off"], edits["plain"])
+    assert not torch.equal(edits["default"], edits["off"])
+
+
+def round_trip(pipe, frames):
+    """The source's own VAE round trip, computed apart from the pipeline (frames already at the bucket size)."""
+    from sama_core import video as vio
+    with torch.no_grad():
+        return vio.vae_output_to_frames(pipe.vae.decode(pipe.vae.encode(vio.frames_to_vae_input(frames))))
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_keep_unchanged_takes_the_source_where_the_edit_matches_its_round_trip(pipe, restore):
+    g = torch.Generator().manual_seed(3)
+    frames = torch.rand(9, 48, 64, 3, generator=g)  # the bucket's size and 4k+1 frames: no resize, no padding
+    settings = EditSettings(restore_size=restore, width=64, height=48)
+    options = pipe.sampler_options(steps=2)
+    free, _ = pipe.edit_frames(frames, "make the red circle blue", settings, options)
+    change = (free - round_trip(pipe, frames)).abs().amax(-1)
+    threshold = 2 * float(change.median())  # half of the pixels count as unchanged
+    settings.keep_unchanged = threshold
+    kept, _ = pipe.edit_frames(frames, "make the red circle blue", settings, options)
+    weight = ((change - threshold / 2) / (threshold / 2)).clamp(0, 1)[..., None]
+    torch.testing.assert_close(kept, weight * free + (1 - weight) * frames, atol=1e-5, rtol=0)
+    unchanged, changed = (weight == 0).expand_as(kept), (weight == 1).expand_as(kept)
+    assert unchanged.float().mean() > 0.3 and changed.float().mean() > 0.05
+    assert torch.equal(kept[unchanged], frames[unchanged])  # the source's exact pixels
+    assert torch.allclose(kept[changed], free[changed], atol=1e-6)
+
+
+def test_keep_unchanged_inside_a_mask_keeps_the_source_outside_it(pipe):
+    g = torch.Generator().manual_seed(4)
+    frames = torch.rand(9, 48, 64, 3, generator=g)
+    mask = torch.zeros(48, 64)
+    mask[8:40, 16:48] = 1.0
+    options = pipe.sampler_options(steps=2)
+    masked, _ = pipe.edit_frames(frames, "make it blue", EditSettings(width=64, height=48), options, mask=mask)
+    both, _ = pipe.edit_frames(frames, "make it blue", EditSettings(width=64, height=48, keep_unchanged=1.0),
+                               options, mask=mask)
+    outside = (mask == 0)[None].expand(9, 48, 64)
+    assert torch.equal(both[outside], frames[outside])
+    change = (masked - round_trip(pipe, frames)).abs().amax(-1)  # inside the mask, `masked` is the edit
+    weight = (((change - 0.5) / 0.5).clamp(0, 1) * mask)[..., None]
+    torch.testing.assert_close(both, weight * masked + (1 - weight) * frames, atol=1e-5, rtol=0)
+    assert not torch.equal(both, masked)
+
+
+def test_cli_keep_unchanged_keeps_source_pixels_and_refuses_a_bad_threshold_before_loading(bundle, tmp_path,
+                                                                                           capsys):
+    source = np.random.default_rng(5).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    Image.fromarray(source).save(tmp_path / "in.png")
+    common = ["edit", "--model", str(bundle), "--video", str(tmp_path / "in.png"), "--prompt", "make it blue",
+              "--steps", "2"]
+    outputs = {}
+    for name, extra in (("free", []), ("kept", ["--keep-unchanged", "1"])):
+        assert cli([*common, "--out", str(tmp_path / f"{name}.png"), *extra]) == 0
+        outputs[name] = np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB"))
+    same = lambda out: (out == source).all(-1).mean()  # noqa: E731 - share of pixels exactly the source's
+    assert same(outputs["kept"]) > same(outputs["free"]) + 0.2
+    for bad in ("-1", "2", "nan"):
+        assert cli([*common, "--out", str(tmp_path / "bad.png"), "--keep-unchanged", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"keep-unchanged threshold {float(bad)!r} must lie in [0, 1] (0 = off)" in err and "Traceback" not in err
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_cli_keep_unchanged_alone_is_the_documented_default():
+    import argparse
+    from sama_core.commands import edit
+    from sama_core.region import KEEP_UNCHANGED_DEFAULT
+    sub = argparse.ArgumentParser().add_subparsers()
+    edit.register(sub)
+    args = sub.choices["edit"].parse_args(["--model", "m", "--video", "v", "--prompt", "p", "--out", "o",
+                                           "--keep-unchanged"])
+    assert args.keep_unchanged == KEEP_UNCHANGED_DEFAULT

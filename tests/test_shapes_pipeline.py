@@ -551,6 +551,27 @@ def test_eval_flowedit_rows_sample_with_flowedit(heldout, tmp_path, capsys, monk
             ev.parse_flowedit_skips(bad)
 
 
+def test_eval_keep_unchanged_rows_keep_more_of_the_source(heldout, tmp_path, capsys):
+    """--keep-unchanged T: a row per threshold, the pipeline's keep-unchanged edit of the same sample. Outside
+    the edit mask the source is the target, so every pixel taken back from the source raises the background
+    PSNR; threshold 1 takes back all that changed by less than 0.5."""
+    from sama_core.bundle import write_tiny_random_bundle
+    bundle = write_tiny_random_bundle(tmp_path / "bundle", defaults={"steps": 2})
+    common = ["--bundle", str(bundle), "--data", str(heldout), "--limit", "1", "--kinds", "color,remove",
+              "--baselines", ""]
+    assert ev.main([*common, "--out", str(tmp_path / "keep"), "--keep-unchanged", "1,0.2"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "keep" / "per_edit.jsonl").read_text().splitlines()]
+    by = {(r["method"], r["id"]): r for r in rows}
+    methods = {r["method"] for r in rows}
+    assert methods == {"SAMA-Shapes", "SAMA-Shapes + keep unchanged 1", "SAMA-Shapes + keep unchanged 0.2"}
+    for edit in {r["id"] for r in rows}:
+        plain, kept = by[("SAMA-Shapes", edit)], by[("SAMA-Shapes + keep unchanged 1", edit)]
+        assert kept["background_psnr"] > plain["background_psnr"]
+    assert ev.parse_keep_unchanged("0.2,0.3") == (0.2, 0.3) and ev.parse_keep_unchanged(None) == ()
+    assert ev.main([*common, "--out", str(tmp_path / "bad"), "--keep-unchanged", "1.5"]) == 2
+    assert "--keep-unchanged takes numbers in [0, 1] (0 = off)" in capsys.readouterr().err
+
+
 def test_eval_merge_of_two_processes_equals_one_evaluation_of_all_edits(heldout, tmp_path, capsys):
     """--merge: two evaluations of disjoint kinds (the two-process way the docs run them) give the same per-edit
     scores, tables and metrics as one evaluation of every edit."""

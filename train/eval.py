@@ -87,6 +87,7 @@ VISIBLE_SHARE = 0.5        # "clearly visible": at least this share of the objec
 PSNR_CAP = 100.0
 EDIT_MASK_GROW = 2         # px the edit mask is grown by for the "+ edit mask" rows (a user's rough brush)
 EDIT_MASK_SUFFIX = " + edit mask"
+KEEP_UNCHANGED_SUFFIX = " + keep unchanged"
 FLOWEDIT_SUFFIX = " + FlowEdit"
 FLOWEDIT_OFF = "off"  # --flowedit off: a row with the released sampler (for bundles that default to FlowEdit)
 RELEASED_SAMPLER_SUFFIX = " (released sampler)"
@@ -340,9 +341,11 @@ def vae_method(vae) -> Method:
     return run
 
 
-def pipeline_method(pipe, options, edit_mask: bool = False) -> Method:
+def pipeline_method(pipe, options, edit_mask: bool = False, keep_unchanged: Optional[float] = None) -> Method:
     """The pipeline's edit. edit_mask: the user also paints the region to change (the case's edit mask grown
-    by EDIT_MASK_GROW px, like a rough brush); outside it the output is the source (sama_core/region.py)."""
+    by EDIT_MASK_GROW px, like a rough brush); outside it the output is the source (sama_core/region.py).
+    keep_unchanged: the pipeline's threshold (EditSettings.keep_unchanged): what the edit left alone is the
+    source's own pixels, found from the edit alone (no ground truth)."""
     def run(case: EditCase) -> np.ndarray:
         from sama_core.pipeline import EditSettings
         mask = None
@@ -351,8 +354,8 @@ def pipeline_method(pipe, options, edit_mask: bool = False) -> Method:
             if not grown.any():
                 return case.source  # nothing may change
             mask = torch.from_numpy(grown).float()
-        edited, _ = pipe.edit_frames(torch.from_numpy(case.source), case.instruction, EditSettings(), options,
-                                     mask=mask)
+        settings = EditSettings(keep_unchanged=keep_unchanged)
+        edited, _ = pipe.edit_frames(torch.from_numpy(case.source), case.instruction, settings, options, mask=mask)
         return edited.numpy()
     return run
 
@@ -618,7 +621,7 @@ def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], see
                    baselines: list[str], guidances: tuple = (None,),
                    extra_vaes: Optional[dict[str, str]] = None, shift: Optional[float] = None,
                    denoises: tuple = (None,), edit_mask: bool = False,
-                   flowedit_skips: tuple = ()) -> dict[str, Method]:
+                   flowedit_skips: tuple = (), keep_unchanged: tuple = ()) -> dict[str, Method]:
     """The methods to evaluate. guidances: the bundle's default (None) or given values; with more than one,
     every model gets a row per value ("NAME (guidance G)"), e.g. to choose the bundle's default on a
     validation set (a held-out split drawn with another seed) rather than on the test set.
@@ -629,7 +632,8 @@ def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], see
     edit_mask: every model row also gets a "ROW + edit mask" row, the same edit with the ground-truth edit
     region given as the user's mask. flowedit_skips: every model row also gets a "ROW + FlowEdit (skip K)"
     row per value, the same edit sampled with FlowEdit (sama_core/flowedit.py) skipping the first K sigmas,
-    and for "off" a "ROW (released sampler)" row, FlowEdit off whatever the bundle's default."""
+    and for "off" a "ROW (released sampler)" row, FlowEdit off whatever the bundle's default. keep_unchanged:
+    every model row also gets a "ROW + keep unchanged T" row per threshold T (EditSettings.keep_unchanged)."""
     from sama_core.pipeline import SamaPipeline
     methods: dict[str, Method] = {}
     pipe = None
@@ -654,6 +658,9 @@ def bundle_methods(bundle, extra_dits: dict[str, str], steps: Optional[int], see
                     methods[name] = pipeline_method(model, options)
                     if edit_mask:
                         methods[name + EDIT_MASK_SUFFIX] = pipeline_method(model, options, edit_mask=True)
+                    for threshold in keep_unchanged:
+                        methods[f"{name}{KEEP_UNCHANGED_SUFFIX} {threshold:g}"] = pipeline_method(
+                            model, options, keep_unchanged=threshold)
                     for skip in flowedit_skips:
                         if skip == FLOWEDIT_OFF:
                             released = dataclasses.replace(options, flowedit=False)
@@ -731,6 +738,14 @@ def parse_flowedit_skips(text: Optional[str]) -> tuple:
     return off + tuple(int(v) for v in values)
 
 
+def parse_keep_unchanged(text: Optional[str]) -> tuple:
+    """--keep-unchanged "0,0.2" -> (0.0, 0.2); None -> () (no such rows). 0 is off: the row without it when the
+    bundle keeps unchanged pixels by default (SAMA-Shapes)."""
+    if text is None:
+        return ()
+    return parse_values(text, "--keep-unchanged", lambda v: 0 <= v <= 1, "numbers in [0, 1] (0 = off)", "0,0.2,0.3")
+
+
 def parse_denoises(text: Optional[str]) -> tuple:
     """--denoise "1,0.5,0.3" -> (1.0, 0.5, 0.3); None -> (None,) (the bundle's default, 1 unless it sets one)."""
     return parse_values(text, "--denoise", lambda v: 0 < v <= 1, "numbers in (0, 1]", "1,0.5,0.3")
@@ -769,6 +784,10 @@ def main(argv=None) -> int:
     parser.add_argument("--edit-mask", action="store_true",
                         help="also evaluate every model row with the edit region given as the user's mask (the "
                              "ground-truth edit mask grown by 2 px): rows 'NAME + edit mask'")
+    parser.add_argument("--keep-unchanged", default=None, metavar="T[,T...]",
+                        help="also evaluate every model row with the pipeline's keep-unchanged threshold T (what "
+                             "the edit changed by less than T/2 is the source's own pixels; no ground truth; 0 = "
+                             "off, where the bundle has it on by default): rows 'NAME + keep unchanged T'")
     parser.add_argument("--flowedit", default=None, metavar="K[,K...]",
                         help="also evaluate every model row sampled with FlowEdit, skipping the first K sigmas "
                              "(2 is the sampler's default): rows 'NAME + FlowEdit (skip K)'; 'off': a row with "
@@ -800,7 +819,8 @@ def main(argv=None) -> int:
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     methods = bundle_methods(args.bundle, extra, args.steps, args.seed, args.name, baselines,
                              parse_guidances(args.guidance), extra_vaes, args.shift,
-                             parse_denoises(args.denoise), args.edit_mask, parse_flowedit_skips(args.flowedit))
+                             parse_denoises(args.denoise), args.edit_mask, parse_flowedit_skips(args.flowedit),
+                             parse_keep_unchanged(args.keep_unchanged))
     out = Path(args.out) if args.out else Path(args.data).resolve().parent / "eval"
     report = evaluate(methods, rows, out, progress=True)
     print(markdown_tables(report.summaries))

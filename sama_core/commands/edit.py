@@ -80,6 +80,11 @@ def register(sub):
     p.add_argument("--anchor-strength", type=float, help="fraction of steps the anchor steers (0.5)")
     p.add_argument("--mask", help="image or video of the source's size (or of its aspect ratio: scaled): white "
                                   "where the edit may change the video; everything else stays the source")
+    p.add_argument("--keep-unchanged", type=float, nargs="?", const=0.2, metavar="T",
+                   help="pixels the edit changed by less than T/2 (0-1 scale, against the source's VAE round trip) "
+                        "are the source's own, blended up to T (alone: 0.2; 0: off). Default: the bundle's "
+                        "(SAMA-Shapes: 0.2; otherwise off). For local edits; leave it off for a global change "
+                        "(a style, the lighting)")
     p.add_argument("--compare", action="store_true", help="also write a side-by-side source | edit video")
     add_sampling_args(p)
     p.set_defaults(func=run)
@@ -202,6 +207,9 @@ def run(args) -> int:
 
 
 def _edit(args, sp) -> int:
+    if args.keep_unchanged is not None:
+        from ..region import check_keep_unchanged
+        check_keep_unchanged(args.keep_unchanged)  # before the models load
     pipe = build_pipeline(args)
     writer = sp is None or sp.rank == 0  # every process runs the same edit (same seed, shapes); one writes it
     out = args.out
@@ -213,7 +221,7 @@ def _edit(args, sp) -> int:
         from pathlib import Path
         out = Path(tempfile.mkdtemp(prefix="sama-sp-")) / Path(args.out).name
     settings = settings_from(args, negative=args.negative, use_prefix=not args.no_prefix,
-                             anchor_image=args.anchor, mask=args.mask)
+                             anchor_image=args.anchor, mask=args.mask, keep_unchanged=args.keep_unchanged)
     options = options_from(pipe, args, anchor_strength=args.anchor_strength)
     result = pipe.edit_file(args.video, args.prompt, out, settings, options, compare=args.compare and writer,
                             callback=progress_bar() if writer else None)

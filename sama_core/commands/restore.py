@@ -28,7 +28,9 @@ def register(sub):
 def run(args) -> int:
     pipe = build_pipeline(args)
     instruction = with_task_token(args.task, args.caption)
-    settings = settings_from(args, use_prefix=False, blank_frames=parse_range(args.blank))
+    # keep-unchanged is for edits: against the perturbed input's round trip it would put back the very frames
+    # (the blank, the doubled speed, the shuffled tubes) the task repairs, so it is off whatever the bundle says
+    settings = settings_from(args, use_prefix=False, blank_frames=parse_range(args.blank), keep_unchanged=0)
     result = pipe.edit_file(args.video, instruction, args.out, settings, options_from(pipe, args),
                             compare=args.compare, callback=progress_bar())
     print(f"wrote {result.output} ({result.frames.shape[0]} frames) with instruction '{instruction}'")
