@@ -24,6 +24,7 @@ NODE_MODULES = (
     "sampler",
     "pretext",
     "frames",
+    "keep_unchanged",
 )
 
 

@@ -421,6 +421,28 @@ def test_a_two_frame_source_without_the_4k_plus_1_node_fails_in_the_sampler(tiny
     _assert_still_serving(tiny)
 
 
+def test_keep_unchanged_refuses_a_source_of_another_size_naming_both(tiny):
+    """SAMA Keep Unchanged compares the decoded edit with the source's VAE round trip pixel by pixel: a source
+    at another size (here the unresized 48x32 frames against the 32x32 edit) is refused in that node, naming
+    both sizes and what to connect, and the server keeps serving."""
+    workflow = load_workflow("tiny_demo_api.json")
+    assert workflow["13"]["inputs"]["images"] == ["12", 0]
+    workflow["22"] = {"class_type": "SamaKeepUnchanged",
+                      "inputs": {"edited": ["12", 0], "source": ["3", 0], "vae": ["8", 0], "threshold": 0.2}}
+    workflow["13"]["inputs"]["images"] = ["22", 0]
+    workflow["17"]["inputs"]["filename_prefix"] = _unique("video/sama_keep_mismatch")
+
+    with pytest.raises(PromptFailed) as failed:
+        tiny.run(workflow, timeout=300)
+
+    error = failed.value.result.error
+    assert (error["node_id"], error["node_type"]) == ("22", "SamaKeepUnchanged")
+    assert error["exception_type"].endswith("SamaInputError")
+    assert "'edited' is 5 frames at 32x32 but 'source' is 5 frames at 48x32" in error["exception_message"]
+    assert "source_images" in error["exception_message"]
+    _assert_still_serving(tiny)
+
+
 def test_a_non_sama_file_as_the_dit_says_what_the_file_is(tiny):
     with pytest.raises(PromptFailed) as failed:
         tiny.run(_latent_edit_prompt(_unique("sama_wrong_file"), dit=NOT_A_DIT), timeout=120)
@@ -562,9 +584,9 @@ SHAPES_BUNDLE = Path(__file__).resolve().parents[1] / "sama_core" / "assets" / "
 @pytest.mark.skipif(not (SHAPES_BUNDLE / "bundle.json").is_file(),
                     reason=f"no trained bundle at {SHAPES_BUNDLE} (python -m train.shapes run --install)")
 def test_sama_shapes_workflow_makes_the_demo_edit_like_the_pipeline(comfy_server):
-    from edit_judge import judge, vae_round_trip
+    from edit_judge import edit_region, judge, kept_objects, vae_round_trip
 
-    from sama_core.pipeline import SamaPipeline
+    from sama_core.pipeline import EditSettings, SamaPipeline
     from sama_core.video import read_video
 
     spec = json.loads((SHAPES_BUNDLE / "bundle.json").read_text())
@@ -593,6 +615,15 @@ def test_sama_shapes_workflow_makes_the_demo_edit_like_the_pipeline(comfy_server
     steps = workflow["10"]["inputs"]["steps"]
     expected, _ = pipe.edit_frames(source, card["demo_prompt"], options=pipe.sampler_options(steps=steps, seed=0))
     assert (output - expected.clamp(0, 1)).abs().mean() < 0.03
+    # SAMA Keep Unchanged (the bundle's keep_unchanged, in the workflow as node 22): the objects the instruction
+    # leaves alone are the source's own pixels, far closer to it than the edit as decoded
+    assert workflow["22"]["class_type"] == "SamaKeepUnchanged"
+    assert workflow["22"]["inputs"]["threshold"] == spec["defaults"]["keep_unchanged"]
+    decoded, _ = pipe.edit_frames(source, card["demo_prompt"], EditSettings(keep_unchanged=0),
+                                  pipe.sampler_options(steps=steps, seed=0))
+    kept = kept_objects(source, edit_region(source, target))
+    kept_error, decoded_kept_error = ((x.clamp(0, 1) - source).abs()[kept].mean() for x in (output, decoded))
+    assert kept_error < decoded_kept_error / 2, (kept_error, decoded_kept_error)
     assert comfy_server.network_attempts() == []
 
 
@@ -606,7 +637,7 @@ def test_sama_shapes_region_workflow_keeps_the_source_outside_the_mask(comfy_ser
     from edit_judge import edit_region, judge, kept_objects, vae_round_trip
     from PIL import Image
 
-    from sama_core.pipeline import SamaPipeline
+    from sama_core.pipeline import EditSettings, SamaPipeline
     from sama_core.video import read_video
 
     card = json.loads((SHAPES_BUNDLE / "bundle.json").read_text())["card"]
@@ -634,12 +665,13 @@ def test_sama_shapes_region_workflow_keeps_the_source_outside_the_mask(comfy_ser
     expected, _ = pipe.edit_frames(source, card["demo_prompt"], options=pipe.sampler_options(steps=steps, seed=0),
                                    mask=region.float())
     assert (output - expected.clamp(0, 1)).abs().mean() < 0.03
-    plain, _ = pipe.edit_frames(source, card["demo_prompt"], options=pipe.sampler_options(steps=steps, seed=0))
+    plain, _ = pipe.edit_frames(source, card["demo_prompt"], EditSettings(keep_unchanged=0),
+                                pipe.sampler_options(steps=steps, seed=0))
     verdict = judge(output, source, target, vae_round_trip(pipe))
     assert verdict["progress"] > 0.5, verdict
     # the objects the instruction leaves alone, against the source itself (judge's kept_error compares with
-    # the VAE's blurred source): kept far better than by the instruction alone (the purple circle crosses the
-    # region in the first frames, so not all of it is kept)
+    # the VAE's blurred source): kept far better than by the instruction alone as decoded (keep-unchanged off;
+    # the purple circle crosses the region in the first frames, so not all of it is kept)
     kept = kept_objects(source, edit_region(source, target))
     kept_error, plain_kept_error = ((x.clamp(0, 1) - source).abs()[kept].mean() for x in (output, plain))
     assert kept_error < plain_kept_error / 2, (kept_error, plain_kept_error)  # measured 0.040 vs 0.111

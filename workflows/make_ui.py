@@ -191,7 +191,10 @@ this pack ships (trained by its own `train/` on clips of moving coloured shapes;
 circles, squares, triangles and stars and knows nothing else). 20 steps, cfg 2 and **FlowEdit** on (the
 bundle's defaults): the sampler starts from the source and applies only what the instruction changes, with
 the source's own SigLIP tokens from SAMA Anchor Encode (file) (the objects the instruction leaves alone move
-less; switch *flowedit* off for the released sampler).
+less; switch *flowedit* off for the released sampler). **SAMA Keep Unchanged** (threshold 0.2, the bundle's
+default too) then gives back the source's own pixels wherever the decoded edit matches the source's round trip
+through the VAE: the objects the instruction leaves alone stay sharp instead of this tiny VAE's blur (set 0
+to see the edit as decoded).
 
 **Model files**: none to download. The pack adds its bundled `sama_core/assets/sama-shapes/` folder to
 ComfyUI's model folders, so the loaders list `sama-shapes/dit.safetensors`,
@@ -208,7 +211,8 @@ shapes clip and write your own instruction, e.g. "make the red square blue", "re
 The SAMA-Shapes demo with a **mask**: white where the edit may change the video. Outside it the sampler
 keeps the source's latents at every step, and Image Composite Masked puts the source's own pixels back after
 decoding, so the objects the instruction leaves alone stay exactly as they were (instruction alone, this
-tiny model blurs and moves them; docs/sama_shapes.md). FlowEdit is on, as in the plain demo.
+tiny model blurs and moves them; docs/sama_shapes.md). FlowEdit and SAMA Keep Unchanged are on, as in the
+plain demo.
 
 **Inputs**: copy `sama_core/assets/sama-shapes/sample.mp4` to `ComfyUI/input/sama_shapes_sample.mp4` and
 `sama_core/assets/sama-shapes/sample_region.png` to `ComfyUI/input/sama_shapes_sample_region.png` (white over
