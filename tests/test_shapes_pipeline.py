@@ -988,9 +988,12 @@ def test_tiny_budget_runs_every_stage_and_continues_after_a_stop(tiny_run):
     spec = json.loads((out / "bundle" / "bundle.json").read_text())
     assert {"dit", "vae", "text_encoder", "siglip"} <= set(spec)
     # guidance 2: the stage-1 template trains with prompt dropout (shapes.default_guidance); FlowEdit where it
-    # combines (sessions 16-17; with the tiny budget's 2 steps it gives way to the released sampler)
-    assert spec["defaults"] == {"steps": 2, "guidance": 2.0, "shift": 5.0, "target_area": 4096, "flowedit": "auto"}
-    assert 'Sampling is FlowEdit where it combines' in (out / "bundle" / "README.md").read_text()
+    # combines (sessions 16-17; with the tiny budget's 2 steps it gives way to the released sampler); keep
+    # unchanged 0.2 (session 20)
+    assert spec["defaults"] == {"steps": 2, "guidance": 2.0, "shift": 5.0, "target_area": 4096, "flowedit": "auto",
+                                "keep_unchanged": 0.2}
+    readme = (out / "bundle" / "README.md").read_text()
+    assert 'Sampling is FlowEdit where it combines' in readme and "Keep unchanged 0.2: wherever" in readme
     card = spec["card"]
     assert card["demo_video"] == "sample.mp4" and card["demo_prompt"]
     # the demo's region mask (workflows/sama_shapes_region_demo), from the bundle's own clips
