@@ -118,6 +118,23 @@ def test_demo_runs_offline_and_writes_its_outputs(tmp_path, capsys):
     assert read_video(tmp_path / "edit.mp4")[0].shape == (17, 64, 64, 3)
 
 
+def test_demo_keep_unchanged_0_shows_the_edit_as_decoded(tmp_path, capsys):
+    """The shipped bundle keeps unchanged pixels by default; --keep-unchanged 0 turns it off, and the default
+    output has more of the source's own pixels (the demo's clip: a plain background, mostly unchanged)."""
+    from sama_core.commands.demo import TRAINED_BUNDLE
+    if not (TRAINED_BUNDLE / "bundle.json").is_file():
+        pytest.skip(f"no trained bundle at {TRAINED_BUNDLE}")
+    outputs = {}
+    for name, extra in (("default", []), ("decoded", ["--keep-unchanged", "0"])):
+        assert cli(["demo", "--out", str(tmp_path / name), "--steps", "2", *extra]) == 0
+        outputs[name] = read_video(tmp_path / name / "edit.mp4")[0]
+    source = read_video(TRAINED_BUNDLE / "sample.mp4")[0]
+    near = {n: ((x - source).abs().amax(-1) < 0.02).float().mean() for n, x in outputs.items()}
+    assert near["default"] > near["decoded"] + 0.2, near
+    assert cli(["demo", "--out", str(tmp_path / "bad"), "--keep-unchanged", "3"]) == 2
+    assert "keep-unchanged threshold 3.0 must lie in [0, 1]" in capsys.readouterr().err
+
+
 def test_separate_files_instead_of_a_bundle(bundle, clip, tmp_path):
     spec = json.loads((bundle / "bundle.json").read_text())
     out = tmp_path / "o.mp4"

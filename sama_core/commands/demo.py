@@ -25,6 +25,9 @@ def register(sub):
     p.add_argument("--bundle", default=None, help="another model bundle folder")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-unchanged", type=float, nargs="?", const=0.2, metavar="T",
+                   help="keep-unchanged threshold as in `edit` (default: the bundle's, SAMA-Shapes 0.2; 0: the edit "
+                        "as decoded)")
     p.set_defaults(func=run)
 
 
@@ -62,6 +65,9 @@ def bundle_clip(bundle: Path, card: dict):
 
 def run(args) -> int:
     from ..pipeline import EditSettings, SamaPipeline, read_bundle_spec
+    from ..region import check_keep_unchanged
+    if args.keep_unchanged is not None:
+        check_keep_unchanged(args.keep_unchanged)  # before the model loads
     from ..video import side_by_side, write_video
     from .edit import progress_bar
     start = time.perf_counter()
@@ -79,7 +85,8 @@ def run(args) -> int:
         source = out / "source.mp4"
         write_video(source, synthetic_clip(), 8)
     options = pipe.sampler_options(steps=args.steps, seed=args.seed)
-    result = pipe.edit_file(source, prompt, out / "edit.mp4", EditSettings(), options, compare=True,
+    settings = EditSettings(keep_unchanged=args.keep_unchanged)
+    result = pipe.edit_file(source, prompt, out / "edit.mp4", settings, options, compare=True,
                             callback=progress_bar())
     from ..video import read_media
     frames, _ = read_media(source)
