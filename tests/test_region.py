@@ -276,7 +276,9 @@ def test_keep_unchanged_takes_the_source_where_the_edit_matches_its_round_trip(p
     weight = ((change - threshold / 2) / (threshold / 2)).clamp(0, 1)[..., None]
     torch.testing.assert_close(kept, weight * free + (1 - weight) * frames, atol=1e-5, rtol=0)
     unchanged, changed = (weight == 0).expand_as(kept), (weight == 1).expand_as(kept)
-    assert unchanged.float().mean() > 0.3 and changed.float().mean() > 0.05
+    # both sides of the rule are exercised: by construction half of the pixels are unchanged (the tiny random
+    # model's share of pixels changed by twice the median varies with the weights, ~5%)
+    assert unchanged.float().mean() >= 0.5 and changed.any()
     assert torch.equal(kept[unchanged], frames[unchanged])  # the source's exact pixels
     assert torch.allclose(kept[changed], free[changed], atol=1e-6)
 
