@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .edit import add_keep_unchanged_arg
+
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -25,9 +27,8 @@ def register(sub):
     p.add_argument("--bundle", default=None, help="another model bundle folder")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--keep-unchanged", type=float, nargs="?", const=0.2, metavar="T",
-                   help="keep-unchanged threshold as in `edit` (default: the bundle's, SAMA-Shapes 0.2; 0: the edit "
-                        "as decoded)")
+    add_keep_unchanged_arg(p, "keep-unchanged threshold as in `edit` (default: the bundle's, SAMA-Shapes 0.2; 0: the "
+                              "edit as decoded)")
     p.set_defaults(func=run)
 
 
@@ -65,11 +66,9 @@ def bundle_clip(bundle: Path, card: dict):
 
 def run(args) -> int:
     from ..pipeline import EditSettings, SamaPipeline, read_bundle_spec
-    from ..region import check_keep_unchanged
-    if args.keep_unchanged is not None:
-        check_keep_unchanged(args.keep_unchanged)  # before the model loads
     from ..video import side_by_side, write_video
-    from .edit import progress_bar
+    from .edit import check_keep_unchanged_arg, progress_bar
+    check_keep_unchanged_arg(args)
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,19 @@ def add_sampling_args(p: argparse.ArgumentParser):
     f.add_argument("--no-restore", action="store_true", help="keep the bucket size instead of the source size")
 
 
+def add_keep_unchanged_arg(p: argparse.ArgumentParser, help: str):
+    """--keep-unchanged [T] for the commands that edit (edit, demo). Alone it means 0.2, region's
+    KEEP_UNCHANGED_DEFAULT (a test holds them equal; region is not imported here, it pulls in torch)."""
+    p.add_argument("--keep-unchanged", type=float, nargs="?", const=0.2, metavar="T", help=help)
+
+
+def check_keep_unchanged_arg(args) -> None:
+    """A bad --keep-unchanged is refused before any model loads (sama_core.region.check_keep_unchanged)."""
+    if args.keep_unchanged is not None:
+        from ..region import check_keep_unchanged
+        check_keep_unchanged(args.keep_unchanged)
+
+
 def register(sub):
     p = sub.add_parser("edit", help="edit a video or image with an instruction",
                        description="Edit a video with SAMA. Example:\n  python -m sama_core edit --model "
@@ -80,11 +93,10 @@ def register(sub):
     p.add_argument("--anchor-strength", type=float, help="fraction of steps the anchor steers (0.5)")
     p.add_argument("--mask", help="image or video of the source's size (or of its aspect ratio: scaled): white "
                                   "where the edit may change the video; everything else stays the source")
-    p.add_argument("--keep-unchanged", type=float, nargs="?", const=0.2, metavar="T",
-                   help="pixels the edit changed by less than T/2 (0-1 scale, against the source's VAE round trip) "
-                        "are the source's own, blended up to T (alone: 0.2; 0: off). Default: the bundle's "
-                        "(SAMA-Shapes: 0.2; otherwise off). For local edits; leave it off for a global change "
-                        "(a style, the lighting)")
+    add_keep_unchanged_arg(p, "pixels the edit changed by less than T/2 (0-1 scale, against the source's VAE round "
+                              "trip) are the source's own, blended up to T (alone: 0.2; 0: off). Default: the "
+                              "bundle's (SAMA-Shapes: 0.2; otherwise off). For local edits; leave it off for a "
+                              "global change (a style, the lighting)")
     p.add_argument("--compare", action="store_true", help="also write a side-by-side source | edit video")
     add_sampling_args(p)
     p.set_defaults(func=run)
@@ -207,9 +219,7 @@ def run(args) -> int:
 
 
 def _edit(args, sp) -> int:
-    if args.keep_unchanged is not None:
-        from ..region import check_keep_unchanged
-        check_keep_unchanged(args.keep_unchanged)  # before the models load
+    check_keep_unchanged_arg(args)
     pipe = build_pipeline(args)
     writer = sp is None or sp.rank == 0  # every process runs the same edit (same seed, shapes); one writes it
     out = args.out
