@@ -8,6 +8,11 @@ names with its config in the metadata, the VAE in the original/ComfyUI layout, t
 ComfyUI's single-file layout with its sentencepiece tokenizer embedded (`spiece_model`), SigLIP with
 the `vision_model.` prefix.
 
+"defaults" holds the bundle's own settings: any SamplerOptions field (steps, guidance, shift, flowedit,
+...), target_area and keep_unchanged; the command line and EditSettings override them per edit. Reading a
+bundle checks every one (sama_core.pipeline.BUNDLE_DEFAULTS) and names bundle.json, the setting and the rule
+when one is wrong; a name it does not know is ignored with a warning.
+
 `write_tiny_random_bundle` builds a bundle of tiny RANDOM models with the real code paths: tests use
 it, and so does the demo until the trained SAMA-Shapes bundle is shipped.
 """

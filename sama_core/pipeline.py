@@ -12,8 +12,10 @@ interrupted run leaves no output file).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -22,7 +24,7 @@ import torch
 
 from .bundle import BUNDLE_FILE
 from .errors import SamaFileNotFoundError, SamaInputError
-from .flowedit import resolve_flowedit
+from .flowedit import AUTO, resolve_flowedit
 from .loading import load_dit, merge_lora
 from .pretext import blank_frames
 from .region import (changed_weight, check_keep_unchanged, check_pixel_mask, composite, latent_region,
@@ -88,7 +90,61 @@ def read_bundle_spec(manifest: Path) -> dict:
     heads = spec.get("siglip_num_heads")
     if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool) or heads < 1):
         raise SamaInputError(f"{manifest}: 'siglip_num_heads' must be a positive integer")
+    check_bundle_defaults(spec.get("defaults", {}), manifest)
     return spec
+
+
+def _integer(low=None, null=False):
+    def ok(v):
+        return (null and v is None) or (isinstance(v, int) and not isinstance(v, bool) and (low is None or v >= low))
+    return ok, (f"an integer >= {low}" if low is not None else "an integer") + (" or null" if null else "")
+
+
+def _number(low=None, high=None, above=None, null=False):
+    def ok(v):
+        if null and v is None:
+            return True
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return False
+        return (low is None or v >= low) and (high is None or v <= high) and (above is None or v > above)
+    bounds = [f"{sign} {bound:g}" for sign, bound in ((">", above), (">=", low), ("<=", high)) if bound is not None]
+    return ok, "a number" + (" " + " and ".join(bounds) if bounds else "") + (" or null" if null else "")
+
+
+def _one_of(*values):
+    return (lambda v: any(v is x or (type(v) is type(x) and v == x) for x in values)), \
+           "one of " + ", ".join(json.dumps(v) for v in values)
+
+
+# What a bundle's "defaults" may set, and the JSON value each takes: the SamplerOptions fields
+# (SamaPipeline.sampler_options) and the two edit settings the pipeline reads from it. Checked when the bundle is
+# read, so a broken bundle.json is named before any model loads instead of failing deep in the sampler with a
+# TypeError; tests/test_bundle_defaults.py keeps the table in step with SamplerOptions.
+BUNDLE_DEFAULTS = {
+    "steps": _integer(1), "guidance": _number(), "shift": _number(above=0), "seed": _integer(0),
+    "denoise": _number(above=0, high=1), "source_guidance": _number(null=True), "text_guidance": _number(null=True),
+    "batch_cfg": _one_of(True, False), "num_semantic_tokens": _integer(1), "anchor_strength": _number(0, 1),
+    "solver": _one_of("euler", "unipc"), "window_latent_frames": _integer(1, null=True),
+    "window_overlap": _integer(0), "cache_threshold": _number(low=0), "cache_warmup": _integer(0),
+    "flowedit": _one_of(True, False, AUTO), "flowedit_skip": _integer(0),
+    "target_area": _integer(1), "keep_unchanged": _number(0, 1),
+}
+
+
+def check_bundle_defaults(defaults: dict, manifest) -> None:
+    """A bundle's default settings, each of a known name and a value it can take, or a clear error naming
+    bundle.json, the setting and the fix. An unknown name is only warned about (with the nearest known one):
+    a bundle written by a newer version may carry settings this one does not know."""
+    for key, value in defaults.items():
+        if key not in BUNDLE_DEFAULTS:
+            near = difflib.get_close_matches(str(key), BUNDLE_DEFAULTS, n=1)
+            log.warning("%s: defaults has a setting this version does not know, %r, ignored%s", manifest, key,
+                        f" (did you mean {near[0]!r}?)" if near else "")
+            continue
+        ok, rule = BUNDLE_DEFAULTS[key]
+        if not ok(value):
+            raise SamaInputError(f"{manifest}: defaults.{key} must be {rule}, got {json.dumps(value)}: correct it "
+                                 "or remove it from the bundle's \"defaults\"")
 
 
 def resolve_dtype(name_or_dtype) -> torch.dtype:
