@@ -22,7 +22,9 @@ def round_trip(vae, source: torch.Tensor) -> torch.Tensor:
     return trim(decoded, count, dim=0)
 
 
-def keep_unchanged(edited: torch.Tensor, source: torch.Tensor, vae, threshold: float) -> torch.Tensor:
+def keep_unchanged(edited: torch.Tensor, source: torch.Tensor, vae, threshold: float):
+    """-> (the frames (F, H, W, 3): the edit where it changed the picture, the source elsewhere; the weight
+    (F, H, W) in [0, 1] that blended them, 1 = the edit's pixel: all ones when the threshold is 0 (off))."""
     check_image_batch(edited, "edited")
     check_image_batch(source, "source")
     if tuple(edited.shape[:3]) != tuple(source.shape[:3]):
@@ -32,12 +34,12 @@ def keep_unchanged(edited: torch.Tensor, source: torch.Tensor, vae, threshold: f
             "from (the images that went into SAMA Sampler's source_images) and the decoded edit before any "
             "trim or resize, or both after the same ones")
     if threshold == 0:
-        return edited
+        return edited, torch.ones(edited.shape[:3], device=edited.device)
     with torch.no_grad():
         reconstruction = round_trip(vae, source).to(edited.device, torch.float32)
     edited3, source3 = edited[..., :3].float(), source[..., :3].float().to(edited.device)
     weight = changed_weight(edited3, reconstruction, threshold)  # (F, H, W)
-    return composite(edited3, source3, weight).clamp(0, 1)
+    return composite(edited3, source3, weight).clamp(0, 1), weight
 
 
 class SamaKeepUnchanged(io.ComfyNode):
@@ -64,12 +66,16 @@ class SamaKeepUnchanged(io.ComfyNode):
                                        "unchanged. 0 = off (the edit as decoded)."),
             ],
             outputs=[io.Image.Output("images", display_name="images",
-                                     tooltip="The edit, with the source's pixels where nothing changed.")],
+                                     tooltip="The edit, with the source's pixels where nothing changed."),
+                     io.Mask.Output("changed", display_name="changed",
+                                    tooltip="Where the output is the edit's (1) rather than the source's (0), "
+                                            "blended in between: preview it (Convert Mask to Image) to see what "
+                                            "the edit changed, or grow / paint it and composite yourself.")],
         )
 
     @classmethod
     def execute(cls, edited, source, vae, threshold) -> io.NodeOutput:
-        return io.NodeOutput(keep_unchanged(edited, source, vae, threshold))
+        return io.NodeOutput(*keep_unchanged(edited, source, vae, threshold))
 
 
 NODES = [SamaKeepUnchanged]

@@ -597,6 +597,13 @@ def test_sama_shapes_workflow_makes_the_demo_edit_like_the_pipeline(comfy_server
     assert workflow["10"]["inputs"]["cfg"] == spec["defaults"]["guidance"]  # what the CLI and pipeline use
     assert workflow["5"]["inputs"]["dit_name"] == "sama-shapes/dit.safetensors"  # listed from the pack itself
     workflow["17"]["inputs"]["filename_prefix"] = _unique("video/sama_shapes_demo")
+    # SAMA Keep Unchanged's "changed" mask (output 1) saved beside what it blended: the decoded edit, the source
+    # at the edit's size, and the node's own frames (lossless PNGs)
+    workflow["30"] = {"class_type": "MaskToImage", "inputs": {"mask": ["22", 1]}}
+    saved = {"changed": ["30", 0], "decoded": ["12", 0], "source": ["4", 0], "kept": ["22", 0]}
+    for i, (name, image) in enumerate(saved.items()):
+        workflow[str(31 + i)] = {"class_type": "SaveImage",
+                                 "inputs": {"images": image, "filename_prefix": _unique(f"sama_shapes_{name}")}}
 
     result = comfy_server.run(workflow, timeout=300)
 
@@ -624,6 +631,18 @@ def test_sama_shapes_workflow_makes_the_demo_edit_like_the_pipeline(comfy_server
     kept = kept_objects(source, edit_region(source, target))
     kept_error, decoded_kept_error = ((x.clamp(0, 1) - source).abs()[kept].mean() for x in (output, decoded))
     assert kept_error < decoded_kept_error / 2, (kept_error, decoded_kept_error)
+    # its mask is the weight it blended with (kept = changed * decoded + (1 - changed) * source, up to 8-bit
+    # PNGs), 1 on the removed circle and near 0 on the objects the instruction leaves alone
+    from PIL import Image
+    images = {name: torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).float() / 255
+                                 for f in result.files(str(31 + i))]) for i, name in enumerate(saved)}
+    changed = images["changed"][..., :1]
+    assert images["changed"].shape == images["kept"].shape == (source.shape[0], 64, 64, 3)
+    blended = changed * images["decoded"] + (1 - changed) * images["source"]
+    assert (images["kept"] - blended).abs().max() < 3 / 255
+    removed = edit_region(source, target)
+    assert changed[..., 0][removed].mean() > 0.8 and changed[..., 0][kept].mean() < 0.2, \
+        (changed[..., 0][removed].mean(), changed[..., 0][kept].mean())
     assert comfy_server.network_attempts() == []
 
 
