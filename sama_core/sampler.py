@@ -63,6 +63,21 @@ class SamplerOptions:
     def __post_init__(self):
         if self.flowedit not in (True, False, AUTO):
             raise SamaInputError(f"flowedit must be true, false or {AUTO!r}, got {self.flowedit!r}")
+        # values no sampler path can use, refused here rather than as NaN latents (a NaN guidance) or a silent
+        # fallback (a negative FlowEdit skip); steps, shift and denoise are checked with the sigmas (scheduler.py)
+        for name in ("guidance", "source_guidance", "text_guidance"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise SamaInputError(f"{name} must be a finite number, got {value} (SAMA uses guidance 5.0)")
+        if self.flowedit_skip < 0:
+            raise SamaInputError(f"flowedit_skip must be 0 or more (sigmas skipped at the start), got "
+                                 f"{self.flowedit_skip}; the default is {FLOWEDIT_SKIP}")
+        if not 0 <= self.anchor_strength <= 1:  # also refuses NaN
+            raise SamaInputError(f"anchor_strength must lie in [0, 1] (the fraction of the steps the anchor "
+                                 f"steers), got {self.anchor_strength}")
+        if not self.cache_threshold >= 0:
+            raise SamaInputError(f"the step-cache threshold must be 0 (off) or more, got {self.cache_threshold}; "
+                                 "~0.05-0.2 trades quality for speed")
 
     @classmethod
     def fast(cls, **overrides) -> "SamplerOptions":

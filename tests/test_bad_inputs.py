@@ -85,7 +85,20 @@ REFUSED = [
     ("cuda without a GPU", "ok", ["--device", "cuda"], ["no CUDA GPU", "--device cpu"]),
     ("unknown device", "ok", ["--device", "tpu7"], ["unknown device"]),
     ("anchor image missing", "ok", ["--anchor", "nope.png"], ["nope.png"]),
+    ("guidance not a finite number", "ok", ["--cfg", "nan"], ["guidance must be a finite number, got nan"]),
+    ("text scale infinite", "ok", ["--source-scale", "1", "--text-scale", "inf"], ["text_guidance must be a finite"]),
+    ("negative flowedit skip", "ok", ["--flowedit-skip", "-1"], ["flowedit_skip must be 0 or more", "default is 2"]),
+    ("flowedit skip past the steps", "ok", ["--flowedit-skip", "5"], ["--flowedit-skip 5 skips all of the 1 steps"]),
+    ("anchor strength above 1", "ok", ["--anchor-strength", "2"], ["anchor_strength must lie in [0, 1]"]),
+    ("negative step-cache threshold", "ok", ["--cache", "-1"], ["step-cache threshold must be 0 (off) or more"]),
+    ("windows shorter than their overlap", "ok", ["--window-frames", "3"],
+     ["--window-frames must be at least 17 (windows overlap by 16 frames), got 3"]),
 ]
+
+# refused from the command line alone: no model file is opened first (a 14B load takes minutes)
+BEFORE_LOADING = [["--cfg", "inf"], ["--flowedit-skip", "-2"], ["--anchor-strength", "-0.5"], ["--cache", "-1"],
+                  ["--window-frames", "9"], ["--steps", "0"], ["--shift", "0"], ["--denoise", "1.5"],
+                  ["--keep-unchanged", "2"]]
 
 
 @pytest.mark.parametrize("case,video,extra,fragments", REFUSED, ids=[r[0] for r in REFUSED])
@@ -99,6 +112,30 @@ def test_refused_with_one_clear_line(bundle, files, tmp_path, capsys, case, vide
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", BEFORE_LOADING, ids=[" ".join(e) for e in BEFORE_LOADING])
+def test_impossible_sampling_options_are_refused_before_any_model_loads(bundle, files, tmp_path, capsys,
+                                                                         monkeypatch, extra):
+    from sama_core.commands import edit as edit_command
+
+    def no_loading(args):
+        raise AssertionError("the models were loaded before the options were checked")
+    monkeypatch.setattr(edit_command, "build_pipeline", no_loading)
+    out = tmp_path / "out.mp4"
+    assert edit(bundle, files["ok"], *extra, out=out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "AssertionError" not in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_restore_checks_its_sampling_options_before_loading_too(bundle, files, tmp_path, capsys, monkeypatch):
+    from sama_core.commands import restore
+
+    monkeypatch.setattr(restore, "build_pipeline", lambda args: pytest.fail("loaded before the options were checked"))
+    assert cli(["restore", "--model", str(bundle), "--video", str(files["ok"]), "--task", "cube", "--out",
+                str(tmp_path / "r.mp4"), "--cfg", "nan"]) == 2
+    assert "guidance must be a finite number" in capsys.readouterr().err
 
 
 def test_anchor_without_a_siglip_encoder(bundle, files, tmp_path, capsys):

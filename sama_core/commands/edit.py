@@ -158,7 +158,9 @@ def settings_from(args, **extra):
                         **extra)
 
 
-def options_from(pipe, args, **extra):
+def chosen_options(args, **extra) -> dict:
+    """The sampling options the command line sets (the fast preset under them); the rest come from the model's
+    defaults (SamaPipeline.sampler_options)."""
     window = (args.window_frames - 1) // 4 + 1 if args.window_frames else None
     from ..sampler import FAST_PRESET
     preset = FAST_PRESET if args.fast else {}
@@ -167,7 +169,30 @@ def options_from(pipe, args, **extra):
                   batch_cfg=args.batch_cfg or None, solver=args.solver, cache_threshold=args.cache_threshold,
                   window_latent_frames=window, flowedit=args.flowedit, flowedit_skip=args.flowedit_skip,
                   **extra)
-    return pipe.sampler_options(**{**preset, **{k: v for k, v in chosen.items() if v is not None}})
+    return {**preset, **{k: v for k, v in chosen.items() if v is not None}}
+
+
+def check_sampling_args(args, **extra) -> None:
+    """Sampling options no edit can use are refused before any model loads (a 14B load takes minutes): the
+    checks of SamplerOptions and of the sigmas, on the values given here."""
+    from ..sampler import SamplerOptions
+    from ..scheduler import flow_sigmas
+    options = SamplerOptions(**chosen_options(args, **extra))
+    flow_sigmas(options.steps, options.shift, options.denoise)
+    if args.window_frames is not None:
+        least = 4 * options.window_overlap + 1  # windows overlap by window_overlap latent frames
+        if args.window_frames < least:
+            raise SamaInputError(f"--window-frames must be at least {least} (windows overlap by "
+                                 f"{4 * options.window_overlap} frames), got {args.window_frames}; e.g. 33 or 81")
+
+
+def options_from(pipe, args, **extra):
+    options = pipe.sampler_options(**chosen_options(args, **extra))
+    if args.flowedit_skip is not None and args.flowedit_skip >= options.steps:
+        # with flowedit "auto" the edit would quietly fall back to the released sampler instead
+        raise SamaInputError(f"--flowedit-skip {args.flowedit_skip} skips all of the {options.steps} steps: skip "
+                             "fewer (the default is 2) or give more --steps")
+    return options
 
 
 def progress_bar():
@@ -220,6 +245,7 @@ def run(args) -> int:
 
 def _edit(args, sp) -> int:
     check_keep_unchanged_arg(args)
+    check_sampling_args(args, anchor_strength=args.anchor_strength)
     pipe = build_pipeline(args)
     writer = sp is None or sp.rank == 0  # every process runs the same edit (same seed, shapes); one writes it
     out = args.out
