@@ -340,6 +340,7 @@ class SamaPipeline:
         settings = settings or EditSettings()
         frames, info = vio.read_media(video_path, frame_range=settings.frame_range, stride=settings.stride,
                                       max_frames=settings.max_frames)
+        vio.check_output_path(out_path, frames.shape[0])  # before the sampling, not after it
         mask = read_mask(settings, *frames.shape[:3]) if settings.mask else None
         edited, _ = self.edit_frames(frames, instruction, settings, options, callback, should_interrupt, mask=mask)
         out_path = Path(out_path)

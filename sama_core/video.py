@@ -56,6 +56,7 @@ FALLBACK_FPS = Fraction(16)
 DEFAULT_CRF = 18  # x264 constant-rate factor: visually near-lossless (ffmpeg's default is 23)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+VIDEO_OUTPUT_EXTENSIONS = (".mp4", ".mov", ".mkv", ".m4v", ".avi")  # containers that hold write_video's H.264
 RESIZE_MODES = ("crop", "letterbox", "stretch")
 
 
@@ -856,6 +857,24 @@ def _temp_path_next_to(path: Path, tag: str) -> Path:
     return path.with_name(f".{path.stem}.{tag}-{uuid.uuid4().hex[:8]}.partial{path.suffix or '.mp4'}")
 
 
+def check_output_path(path: str | os.PathLike, frames: int | None = None) -> Path:
+    """An output name the writers can honour, or a clear error before any work is done: a video container that
+    holds H.264 (write_video), or an image file for a one-frame result. frames: the result's frame count, when
+    known (an image file would keep one of them)."""
+    out = Path(path)
+    suffix = out.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        if frames is not None and frames > 1:
+            raise SamaInputError(f"{str(out)!r} is an image file but the result has {frames} frames: write a video "
+                                 f"(e.g. {out.with_suffix('.mp4').name}), or take one frame (--max-frames 1)")
+        return out
+    if suffix not in VIDEO_OUTPUT_EXTENSIONS:
+        raise SamaInputError(f"cannot write {str(out)!r}: the output must be a video file ending in "
+                             f"{', '.join(VIDEO_OUTPUT_EXTENSIONS)} (H.264), or an image file for a one-frame "
+                             f"result; e.g. {(out.stem or 'edit').rstrip('.')}.mp4")
+    return out
+
+
 def write_video(
     path: str | os.PathLike,
     frames,
@@ -878,6 +897,10 @@ def write_video(
     import imageio_ffmpeg
 
     out = Path(path)
+    if out.suffix.lower() in IMAGE_EXTENSIONS:
+        raise SamaInputError(f"write_video writes videos, not {str(out)!r}: give a name ending in "
+                             f"{', '.join(VIDEO_OUTPUT_EXTENSIONS)}")
+    check_output_path(out)
     if out.parent and not out.parent.exists():
         raise SamaFileNotFoundError(f"The output folder {str(out.parent)!r} does not exist; create it first.")
     fps = _as_fps(fps)

@@ -129,6 +129,30 @@ def test_impossible_sampling_options_are_refused_before_any_model_loads(bundle, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["edit.txt", "edit.webm", "edit.gif", "edit", "edit."])
+def test_an_output_name_no_writer_can_honour_is_refused_before_any_model_loads(bundle, files, tmp_path, capsys,
+                                                                               monkeypatch, name):
+    from sama_core.commands import edit as edit_command
+
+    monkeypatch.setattr(edit_command, "build_pipeline", lambda args: pytest.fail("loaded before --out was checked"))
+    out = tmp_path / name
+    assert edit(bundle, files["ok"], out=out) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write '{out}'" in err and "e.g. edit.mp4" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even ffmpeg's partial file
+
+
+def test_an_image_output_for_a_video_is_refused_before_the_sampling(bundle, files, tmp_path, capsys, monkeypatch):
+    from sama_core.pipeline import SamaPipeline
+
+    monkeypatch.setattr(SamaPipeline, "edit_frames", lambda *a, **k: pytest.fail("sampled before --out was checked"))
+    out = tmp_path / "frame.png"
+    assert edit(bundle, files["ok"], out=out) == 2
+    err = capsys.readouterr().err
+    assert f"'{out}' is an image file but the result has 5 frames: write a video (e.g. frame.mp4)" in err, err
+    assert not out.exists()
+
+
 def test_restore_checks_its_sampling_options_before_loading_too(bundle, files, tmp_path, capsys, monkeypatch):
     from sama_core.commands import restore
 
@@ -136,6 +160,9 @@ def test_restore_checks_its_sampling_options_before_loading_too(bundle, files, t
     assert cli(["restore", "--model", str(bundle), "--video", str(files["ok"]), "--task", "cube", "--out",
                 str(tmp_path / "r.mp4"), "--cfg", "nan"]) == 2
     assert "guidance must be a finite number" in capsys.readouterr().err
+    assert cli(["restore", "--model", str(bundle), "--video", str(files["ok"]), "--task", "cube", "--out",
+                str(tmp_path / "r.webm")]) == 2
+    assert "cannot write" in capsys.readouterr().err
 
 
 def test_anchor_without_a_siglip_encoder(bundle, files, tmp_path, capsys):

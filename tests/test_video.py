@@ -405,6 +405,30 @@ def test_odd_sizes_are_padded_to_even(tmp_path):
     assert (back[:, :31, :33] - frames).abs().mean() < 0.02
 
 
+@pytest.mark.parametrize("suffix", V.VIDEO_OUTPUT_EXTENSIONS)
+def test_every_accepted_video_container_round_trips(tmp_path, suffix):
+    frames = smooth_frames(3, 32, 32)
+    out = V.write_video(tmp_path / f"out{suffix}", frames, 8)
+    back, info = V.read_video(out)
+    assert back.shape == frames.shape and (back - frames).abs().mean() < 0.02
+
+
+@pytest.mark.parametrize("name,fragment", [("out.webm", "must be a video file ending in .mp4"),
+                                           ("out.gif", "must be a video file ending in .mp4"),
+                                           ("out", "e.g. out.mp4"), ("out.png", "writes videos, not")])
+def test_write_video_refuses_a_name_ffmpeg_cannot_hold_h264_in_before_encoding(tmp_path, name, fragment):
+    with pytest.raises(SamaInputError, match=fragment):
+        V.write_video(tmp_path / name, smooth_frames(3, 32, 32), 8)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_output_path_takes_an_image_for_one_frame_only(tmp_path):
+    assert V.check_output_path(tmp_path / "a.PNG", frames=1) == tmp_path / "a.PNG"
+    assert V.check_output_path(tmp_path / "a.mp4", frames=81) == tmp_path / "a.mp4"
+    with pytest.raises(SamaInputError, match="is an image file but the result has 2 frames"):
+        V.check_output_path(tmp_path / "a.jpg", frames=2)
+
+
 def test_interrupted_write_leaves_no_file(tmp_path):
     out = tmp_path / "out.mp4"
     out.write_bytes(b"previous result")

@@ -186,6 +186,13 @@ def check_sampling_args(args, **extra) -> None:
                                  f"{4 * options.window_overlap} frames), got {args.window_frames}; e.g. 33 or 81")
 
 
+def check_output_arg(args) -> None:
+    """An --out the writers cannot honour (.txt, .webm, no extension) is refused before any model loads, not
+    after the edit (sama_core.video.check_output_path; an image --out for a video is caught once it is read)."""
+    from ..video import check_output_path
+    check_output_path(args.out)
+
+
 def options_from(pipe, args, **extra):
     options = pipe.sampler_options(**chosen_options(args, **extra))
     if args.flowedit_skip is not None and args.flowedit_skip >= options.steps:
@@ -246,6 +253,7 @@ def run(args) -> int:
 def _edit(args, sp) -> int:
     check_keep_unchanged_arg(args)
     check_sampling_args(args, anchor_strength=args.anchor_strength)
+    check_output_arg(args)
     pipe = build_pipeline(args)
     writer = sp is None or sp.rank == 0  # every process runs the same edit (same seed, shapes); one writes it
     out = args.out

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..pretext import CUBE, SPEED, TUBE, with_task_token
-from .edit import add_model_args, add_sampling_args, build_pipeline, check_sampling_args, options_from, parse_range, \
-    progress_bar, settings_from
+from .edit import (add_model_args, add_sampling_args, build_pipeline, check_output_arg, check_sampling_args,
+                   options_from, parse_range, progress_bar, settings_from)
 
 
 def register(sub):
@@ -27,6 +27,7 @@ def register(sub):
 
 def run(args) -> int:
     check_sampling_args(args)
+    check_output_arg(args)
     pipe = build_pipeline(args)
     instruction = with_task_token(args.task, args.caption)
     # keep-unchanged is for edits: against the perturbed input's round trip it would put back the very frames
