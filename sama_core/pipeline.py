@@ -131,12 +131,18 @@ BUNDLE_DEFAULTS = {
 }
 
 
+_WARNED_UNKNOWN: set = set()  # (bundle.json, name): a bundle read twice (the demo reads its card) warns once
+
+
 def check_bundle_defaults(defaults: dict, manifest) -> None:
     """A bundle's default settings, each of a known name and a value it can take, or a clear error naming
     bundle.json, the setting and the fix. An unknown name is only warned about (with the nearest known one):
     a bundle written by a newer version may carry settings this one does not know."""
     for key, value in defaults.items():
         if key not in BUNDLE_DEFAULTS:
+            if (str(manifest), key) in _WARNED_UNKNOWN:
+                continue
+            _WARNED_UNKNOWN.add((str(manifest), key))
             near = difflib.get_close_matches(str(key), BUNDLE_DEFAULTS, n=1)
             log.warning("%s: defaults has a setting this version does not know, %r, ignored%s", manifest, key,
                         f" (did you mean {near[0]!r}?)" if near else "")

@@ -83,3 +83,7 @@ def test_an_unknown_setting_is_ignored_with_a_warning_that_names_the_nearest_one
         pipe = SamaPipeline.from_bundle(folder, device="cpu")
     assert "'stepz', ignored (did you mean 'steps'?)" in caplog.text
     assert pipe.sampler_options().steps == spec["defaults"]["steps"]  # the known setting, not the typo
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sama_core.pipeline"):
+        SamaPipeline.from_bundle(folder, device="cpu")
+    assert "stepz" not in caplog.text  # once per bundle and name (the demo reads bundle.json twice)
