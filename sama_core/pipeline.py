@@ -112,7 +112,7 @@ def _number(low=None, high=None, above=None, null=False):
 
 
 def _one_of(*values):
-    return (lambda v: any(v is x or (type(v) is type(x) and v == x) for x in values)), \
+    return (lambda v: any(type(v) is type(x) and v == x for x in values)), \
            "one of " + ", ".join(json.dumps(v) for v in values)
 
 
